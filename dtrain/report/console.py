@@ -1,0 +1,64 @@
+"""The console on the main process: a rich progress bar per epoch and a table row per epoch."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+COLUMNS = [("epoch", "{}"), ("step", "{}"), ("train_loss", "{:.4f}"), ("train_acc", "{:.2%}"),
+           ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("lr", "{:.3g}"), ("epoch_seconds", "{:.1f}"),
+           ("images_per_second", "{:,.0f}")]
+
+
+class ConsoleReporter:
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.progress = None
+        self.task = None
+        self.rows = 0
+
+    def start(self, cfg, info: dict) -> None:
+        self.console.print(f"[bold]dtrain[/] {cfg.arch} on {cfg.dataset}: {info['train_size']:,} train / "
+                           f"{info['val_size']:,} val images, {info['num_classes']} classes, "
+                           f"{info['parameters']:,} parameters")
+        self.console.print(f"processes: {info['world_size']} ({info['distributed_type']}, device "
+                           f"{info['device']}), world size {info['world_size']}, global batch {cfg.batch_size} "
+                           f"({info['per_process_batch']} per process x {cfg.grad_accum} accumulation), "
+                           f"precision {info['precision']}")
+        self.console.print(f"output: {info['output_dir']}")
+
+    def begin_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.console, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, stats="")
+
+    def step(self, step: int, metrics: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=metrics["batch"], stats=(
+                f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:,.0f} img/s"))
+
+    def end_epoch(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def epoch(self, row: dict, evaluation=None) -> None:
+        self.end_epoch()
+        table = Table(show_header=self.rows == 0, box=None, pad_edge=False)
+        for name, _ in COLUMNS:
+            table.add_column(name, justify="right", min_width=max(len(name), 9))
+        table.add_row(*[fmt.format(row[k]) if row.get(k) is not None else "-" for k, fmt in COLUMNS])
+        self.console.print(table)
+        self.rows += 1
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def end(self, summary: dict, evaluation=None) -> None:
+        self.end_epoch()
+        best = summary.get("best_acc")
+        self.console.print(f"[bold]done[/]: {summary['steps']} steps in {summary['train_seconds']:.1f} s"
+                           + (f", best val_acc {best:.2%}" if best is not None else "")
+                           + f"; files in {summary['output_dir']}")

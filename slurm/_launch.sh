@@ -1,0 +1,145 @@
+# shellcheck shell=bash
+# Launcher logic shared by slurm/cifar.sh and slurm/predict.sh. Sourced in the batch shell; not a
+# job script itself.
+#
+#   dtrain_launch train   dtrain/main.py    ARGS...   # training: default --output-dir, --resume auto,
+#                                                     # USR1 -> save + requeue, TERM -> save
+#   dtrain_launch predict dtrain/predict.py ARGS...   # inference
+#
+# One `srun` starts slurm/_node.sh once per node; it runs torchrun there (c10d rendezvous on the
+# first host of the allocation) and relays signals to the worker processes.
+#
+# Environment a user may set (before sbatch; sbatch exports the submitting environment):
+#   DTRAIN_ROOT       repository root (default: the directory sbatch was run from)
+#   GPUS_PER_NODE     processes per node (default: Slurm's GPUs on the node, else nvidia-smi's
+#                     count, else 1 CPU process)
+#   MASTER_ADDR       rendezvous host (default: first host of the allocation)
+#   MASTER_PORT       rendezvous port (default: 20000 + job id % 10000)
+#   OMP_NUM_THREADS   threads per process (default: CPUs per task / processes per node)
+#   DTRAIN_PYTHON     Python interpreter (default: python, else python3)
+#   NCCL_* / TORCH_NCCL_*  passed through; defaults below apply only where unset.
+
+_dtrain_log() {
+    printf '[dtrain %s] %s\n' "$(date +%H:%M:%S)" "$*"
+}
+
+# _dtrain_has_flag FLAG ARGS...: true if ARGS hold FLAG or FLAG=VALUE.
+_dtrain_has_flag() {
+    local flag=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ $arg == "$flag" || $arg == "$flag="* ]]; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The id that `scontrol requeue` needs: array tasks are ARRAYJOB_TASK, not $SLURM_JOB_ID.
+dtrain_job_key() {
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        printf '%s_%s\n' "$SLURM_ARRAY_JOB_ID" "$SLURM_ARRAY_TASK_ID"
+    else
+        printf '%s\n' "$SLURM_JOB_ID"
+    fi
+}
+
+# Called by the traps: remember the signal and pass it on to the tasks (srun forwards the
+# signals it receives to the tasks it controls: slurm/_node.sh on every node).
+_dtrain_on_signal() {
+    local sig=$1
+    _DTRAIN_TRAPPED=1
+    _DTRAIN_SIGNALS="$_DTRAIN_SIGNALS $sig"
+    _dtrain_log "batch shell got SIG$sig: telling the training processes to save and stop"
+    if [[ -n ${_DTRAIN_SRUN_PID:-} ]]; then
+        kill -s "$sig" "$_DTRAIN_SRUN_PID" 2>/dev/null || true
+    fi
+}
+
+dtrain_launch() {
+    local mode=$1 entry=$2
+    shift 2
+    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+        echo "dtrain: this is a Slurm batch script: submit it with sbatch (e.g. sbatch slurm/cifar.sh --arch resnet18)," >&2
+        echo "dtrain: or use bash launch/torchrun.sh ... on a single machine." >&2
+        return 2
+    fi
+    local root=${DTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+    if [[ ! -f $root/$entry ]]; then
+        echo "dtrain: $root/$entry not found: run sbatch from the dtrain repository root or set DTRAIN_ROOT=/path/to/dtrain." >&2
+        return 2
+    fi
+    cd "$root" || return 2
+    export DTRAIN_ROOT=$root
+
+    local job_key
+    job_key=$(dtrain_job_key)
+    local args=("$@")
+    if [[ $mode == train ]]; then
+        # Stable across requeues: the requeued job finds its last.pt here.
+        if ! _dtrain_has_flag --output-dir "${args[@]}"; then
+            args+=(--output-dir "runs/${SLURM_JOB_NAME:-dtrain}-$job_key")
+        fi
+        if ! _dtrain_has_flag --resume "${args[@]}"; then
+            args+=(--resume auto)
+        fi
+    fi
+
+    local nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+    DTRAIN_FIRST_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export DTRAIN_FIRST_HOST
+    export MASTER_ADDR=${MASTER_ADDR:-$DTRAIN_FIRST_HOST}
+    export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+    export DTRAIN_RDZV_ID=$job_key
+    # NCCL/torch defaults, only where the user has not set them.
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
+
+    local srun_args=(--nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
+    # srun does not inherit --cpus-per-task from the batch job in every Slurm version.
+    if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    fi
+
+    _dtrain_log "job $job_key (restart ${SLURM_RESTART_COUNT:-0}) on $nnodes node(s): $SLURM_JOB_NODELIST;" \
+        "rendezvous $MASTER_ADDR:$MASTER_PORT"
+    _dtrain_log "command: $entry ${args[*]}"
+
+    _DTRAIN_SIGNALS=""
+    _DTRAIN_SRUN_PID=""
+    trap '_dtrain_on_signal USR1' USR1
+    trap '_dtrain_on_signal TERM' TERM
+    # In the background: bash runs a trap only between commands, so it must be in `wait`.
+    srun "${srun_args[@]}" bash "$root/slurm/_node.sh" "$entry" "${args[@]}" &
+    _DTRAIN_SRUN_PID=$!
+    local rc
+    while :; do
+        _DTRAIN_TRAPPED=0
+        rc=0
+        wait "$_DTRAIN_SRUN_PID" || rc=$?
+        # A trapped signal interrupts `wait`: wait again until srun itself has ended (bash keeps
+        # the status of a child reaped meanwhile).
+        [[ $_DTRAIN_TRAPPED == 1 ]] || break
+    done
+    trap - USR1 TERM
+
+    if [[ $mode == train && $_DTRAIN_SIGNALS == *USR1* && $_DTRAIN_SIGNALS != *TERM* ]]; then
+        if [[ $rc -ne 0 ]]; then
+            _dtrain_log "training exited with status $rc after SIGUSR1: not requeueing (see the errors above)"
+            return "$rc"
+        fi
+        # The checkpoint is complete (the training processes exited 0 after saving). Requeue
+        # kills this job at once, so it must come last.
+        _dtrain_log "checkpoint saved; requeueing job $job_key (it resumes with --resume auto)"
+        if ! scontrol requeue "$job_key"; then
+            _dtrain_log "scontrol requeue $job_key failed: resubmit by hand with the same --output-dir to resume"
+            return 1
+        fi
+        return 0
+    fi
+    if [[ -n $_DTRAIN_SIGNALS ]]; then
+        _dtrain_log "stopped by signal(s):$_DTRAIN_SIGNALS (exit status $rc); not requeued"
+    fi
+    return "$rc"
+}

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Per-node launcher, started once per node by slurm/_launch.sh through srun (not for direct use):
+#   bash slurm/_node.sh ENTRY ARGS...
+# Runs torchrun with GPUS_PER_NODE processes on this node (c10d rendezvous across the nodes of
+# the job) and relays SIGUSR1/SIGTERM to the worker processes: torchrun's agent does not forward
+# SIGUSR1 (it would die of it), so it is started with SIGUSR1 ignored and this script signals its
+# children, the training processes, directly. The workers set a flag, save at the next step
+# boundary and exit 0, so torchrun and this script exit 0 too.
+set -uo pipefail
+
+if [[ $# -lt 1 || -z ${SLURM_JOB_ID:-} ]]; then
+    echo "usage (inside a Slurm job step): bash slurm/_node.sh ENTRY ARGS..." >&2
+    exit 2
+fi
+entry=$1
+shift
+
+log() {
+    printf '[dtrain %s %s] %s\n' "$(date +%H:%M:%S)" "${SLURMD_NODENAME:-$(hostname)}" "$*"
+}
+
+# Processes on this node: GPUS_PER_NODE, else the GPUs Slurm gave this step, else nvidia-smi's
+# count, else one CPU process (gloo).
+gpu_count() {
+    local n
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} && ${SLURM_GPUS_ON_NODE} =~ ^[0-9]+$ ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+        return
+    fi
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        echo "${n:-0}"
+        return
+    fi
+    echo 0
+}
+
+gpus=$(gpu_count)
+if [[ -n ${GPUS_PER_NODE:-} ]]; then
+    if ! [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+        echo "dtrain: GPUS_PER_NODE='$GPUS_PER_NODE' is not a positive number of processes per node" >&2
+        exit 2
+    fi
+    nproc=$GPUS_PER_NODE
+elif [[ $gpus -gt 0 ]]; then
+    nproc=$gpus
+else
+    nproc=1
+    log "no GPU visible on this node: 1 CPU process (gloo). To use GPUs, submit with --gpus-per-node=N."
+fi
+
+# Threads per process: the CPUs Slurm gave this task (else those this process may use), shared.
+if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+    cpus=${SLURM_CPUS_PER_TASK:-$(nproc 2>/dev/null || echo 1)}
+    threads=$((cpus / nproc))
+    export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
+fi
+
+python=${DTRAIN_PYTHON:-}
+if [[ -z $python ]]; then
+    if command -v python >/dev/null 2>&1; then python=python; else python=python3; fi
+fi
+
+nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+launcher=("$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" --max-restarts=0)
+if [[ $nnodes -eq 1 ]]; then
+    launcher+=(--standalone)
+else
+    # The node named first in the allocation hosts the rendezvous store; saying so explicitly
+    # avoids torch's guess from hostnames and addresses.
+    launcher+=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
+        --rdzv-id="${DTRAIN_RDZV_ID:-$SLURM_JOB_ID}")
+    if [[ ${SLURMD_NODENAME:-} == "$MASTER_ADDR" ]]; then
+        launcher+=(--rdzv-conf=is_host=1)
+    elif [[ ${DTRAIN_FIRST_HOST:-} == "$MASTER_ADDR" ]]; then
+        launcher+=(--rdzv-conf=is_host=0)
+    fi
+fi
+
+log "$nproc process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS, node ${SLURM_NODEID:-0} of $nnodes"
+
+# The launcher and (by inheritance) its workers start with SIGUSR1 ignored: a USR1 delivered to
+# the whole step (Slurm signals every process of a task) must not kill torchrun, and one that
+# reaches a worker before it has installed its handler is dropped rather than fatal (the relay
+# below repeats it until the launcher has ended).
+trap '' USR1
+"${launcher[@]}" "$entry" "$@" &
+launcher_pid=$!
+
+stop_signal=""
+trapped=0
+
+# The launcher's children: the training processes.
+workers() {
+    if command -v pgrep >/dev/null 2>&1; then
+        pgrep -P "$launcher_pid" 2>/dev/null || true
+        return
+    fi
+    local stat line rest
+    for stat in /proc/[0-9]*/stat; do
+        read -r line 2>/dev/null <"$stat" || continue
+        rest=${line##*) }          # after "PID (COMM) ": STATE PPID ...
+        read -r _ ppid _ <<<"$rest"
+        if [[ $ppid == "$launcher_pid" ]]; then
+            echo "${line%% *}"
+        fi
+    done
+}
+
+relay() {
+    local pid
+    for pid in $(workers); do
+        kill -s "$stop_signal" "$pid" 2>/dev/null || true
+    done
+}
+
+# shellcheck disable=SC2317  # invoked by the traps below
+on_signal() {
+    trapped=1
+    if [[ -z $stop_signal ]]; then
+        log "got SIG$1: relaying it to the training processes"
+    fi
+    stop_signal=$1
+    relay
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+while :; do
+    trapped=0
+    rc=0
+    wait "$launcher_pid" || rc=$?
+    if [[ $trapped == 0 ]]; then
+        break
+    fi
+    # After a stop signal: repeat it every 2 s (to workers that started late) until torchrun ends.
+    while kill -0 "$launcher_pid" 2>/dev/null; do
+        sleep 2 &
+        wait $! 2>/dev/null || true
+        relay
+    done
+done
+exit "$rc"

@@ -1,0 +1,253 @@
+"""Model registry: shapes, exact parameter counts, options, checkpoints, torchvision models and weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dtrain.errors import UserError
+from dtrain.models import build_model, count_parameters, list_archs, model_from_checkpoint
+
+# arch -> (in_channels, image_size, parameters for 10 classes at that channel count)
+PARAMS = {
+    "resnet18": (3, 32, 11_173_962),
+    "googlenet": (3, 32, 6_166_250),  # the widely used CIFAR GoogLeNet's count
+    "cnn": (3, 32, 288_746),
+    "mnist-cnn": (1, 28, 8_550),
+    "mnist-cnn-deep": (1, 28, 232_554),
+    "mnist-resnet": (1, 28, 577_402),
+    "airbench": (3, 32, 1_972_768),
+}
+
+
+def test_every_arch_is_covered():
+    assert sorted(PARAMS) == list_archs()
+
+
+@pytest.mark.parametrize("arch", sorted(PARAMS))
+def test_shape_and_parameter_count(arch):
+    channels, size, params = PARAMS[arch]
+    model = build_model(arch, 10, in_channels=channels, image_size=size)
+    assert count_parameters(model) == params
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, channels, size, size)).shape == (2, 10)
+
+
+def test_airbench_trainable_parameters():
+    model = build_model("airbench", 10)
+    assert count_parameters(model, trainable_only=True) == 1_971_328
+    assert not model.whiten.weight.requires_grad
+
+
+@pytest.mark.parametrize("arch, flatten", [("mnist-cnn", 320), ("mnist-cnn-deep", 576), ("mnist-resnet", 3136)])
+def test_mnist_flatten_sizes(arch, flatten):
+    model = build_model(arch, 10, in_channels=1, image_size=28)
+    first_linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    assert first_linear.in_features == flatten
+    # at 28x28 the adaptive pool before the flatten is an identity: the write-up's exact layout
+    feats = {}
+    model.pool.register_forward_hook(lambda mod, inp, out: feats.update(inp=inp[0].shape, out=out.shape))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 1, 28, 28))
+    assert feats["inp"] == feats["out"] and feats["out"][1:].numel() == flatten
+
+
+@pytest.mark.parametrize("arch", sorted(PARAMS))
+@pytest.mark.parametrize("channels, size", [(1, 64), (3, 64), (1, 32)])
+def test_other_channels_and_sizes_flow(arch, channels, size):
+    if arch == "googlenet" and size == 64:
+        size = 48  # same code path, cheaper
+    model = build_model(arch, 5, in_channels=channels, image_size=size).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, channels, size, size)).shape == (2, 5)
+
+
+def test_train_mode_backward_and_channels_last():
+    for arch in ("cnn", "mnist-resnet", "airbench"):
+        model = build_model(arch, 3, in_channels=3, image_size=32).to(memory_format=torch.channels_last)
+        out = model(torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last))
+        out.sum().backward()
+        assert out.shape == (4, 3)
+
+
+def test_unknown_arch_lists_names():
+    with pytest.raises(UserError) as e:
+        build_model("resnet1000", 10)
+    msg = str(e.value)
+    for name in list_archs():
+        assert name in msg
+    assert "tv:<name>" in msg
+
+
+def test_arch_args_neutral_values_are_ignored_others_rejected():
+    neutral = dict(norm="batch", aux_logits=False, pretrained=False, weights=None, dropout=0.0)
+    for arch in list_archs():
+        build_model(arch, 10, image_size=32, **neutral)
+    with pytest.raises(UserError, match="aux_logits"):
+        build_model("resnet18", 10, aux_logits=True)
+    with pytest.raises(UserError, match="dropout"):
+        build_model("mnist-cnn", 10, dropout=0.3)
+    with pytest.raises(UserError, match="pretrained"):
+        build_model("cnn", 10, pretrained=True)
+    assert isinstance(build_model("cnn", 10, dropout=0.3).dropout, nn.Dropout)
+    with pytest.raises(UserError, match="norm"):
+        build_model("airbench", 10, norm="group")
+    with pytest.raises(UserError, match="norm"):
+        build_model("resnet18", 10, norm="layer")
+    with pytest.raises(UserError, match="at least"):
+        build_model("mnist-cnn-deep", 10, in_channels=1, image_size=16)
+
+
+def test_group_norm_has_no_batch_statistics():
+    for arch in ("cnn", "resnet18"):
+        model = build_model(arch, 10, norm="group")
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    plain = build_model("cnn", 10, norm="none")
+    assert not any(isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)) for m in plain.modules())
+
+
+def test_googlenet_aux_logits():
+    model = build_model("googlenet", 7, aux_logits=True)
+    assert count_parameters(model) > 6_166_250
+    x = torch.randn(2, 3, 16, 16)  # small input keeps the test cheap; the aux heads pool adaptively
+    logits, aux = model.train()(x)
+    assert logits.shape == (2, 7)
+    assert [w for w, _ in aux] == [0.3, 0.3]
+    assert all(a.shape == (2, 7) for _, a in aux)
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+
+
+def test_model_from_checkpoint_round_trip():
+    model = build_model("mnist-cnn", 4, in_channels=1, image_size=28, norm="group")
+    ckpt = {
+        "arch": "mnist-cnn", "num_classes": 4, "in_channels": 1, "image_size": 28,
+        "arch_args": {"norm": "group", "pretrained": False, "weights": None, "aux_logits": False},
+        # as saved from a compiled DDP model
+        "model": {"module._orig_mod." + k: v for k, v in model.state_dict().items()},
+    }
+    rebuilt = model_from_checkpoint(ckpt)
+    assert not rebuilt.training
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+def test_model_from_checkpoint_mismatch_is_user_error():
+    state = build_model("cnn", 10).state_dict()
+    with pytest.raises(UserError, match="do not fit"):
+        model_from_checkpoint({"arch": "cnn", "num_classes": 5, "model": state, "arch_args": {}})
+
+
+# --- torchvision models -------------------------------------------------------------------------------
+
+
+def test_tv_head_swapped():
+    model = build_model("tv:resnet18", 7)
+    assert model.fc.out_features == 7
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_tv_sequential_classifier_and_one_channel():
+    model = build_model("tv:mobilenet_v3_small", 4, in_channels=1)
+    assert model.model.classifier[-1].out_features == 4
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+
+
+def test_tv_unknown_name():
+    with pytest.raises(UserError, match="tv:resnet50"):
+        build_model("tv:resnet1000", 10)
+
+
+def test_tv_weights_file_keeps_body_swaps_head(tmp_path):
+    import torchvision
+
+    source = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("tv:resnet18", 7, weights=str(path))
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(model.state_dict()[key], value)
+    assert model.fc.weight.shape == (7, 512)
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(UserError, match="different architecture"):
+        build_model("tv:resnet18", 7, weights=str(path))
+
+
+def test_tv_bad_weights_file(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pth"):
+        build_model("tv:resnet18", 7, weights=str(path))
+    with pytest.raises(UserError, match="no such file"):
+        build_model("tv:resnet18", 7, weights=str(tmp_path / "missing.pth"))
+
+
+def test_tv_pretrained_offline_names_cache_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = os.path.join(str(tmp_path), "hub", "checkpoints", "resnet18-f37072fd.pth")
+    with pytest.raises(UserError) as e:
+        build_model("tv:resnet18", 10, pretrained=True)
+    assert expected in str(e.value)
+    assert "--weights FILE" in str(e.value)
+
+
+def test_tv_pretrained_from_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    source = torchvision.models.resnet18()
+    torch.save(source.state_dict(), cache / "resnet18-f37072fd.pth")
+    model = build_model("tv:resnet18", 3, pretrained=True)
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 3
+
+
+def test_tv_checkpoint_round_trip_does_not_need_pretrained_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: pretrained=True would fail
+    model = build_model("tv:resnet18", 5, in_channels=1)
+    ckpt = {"arch": "tv:resnet18", "num_classes": 5, "in_channels": 1, "image_size": 32,
+            "arch_args": {"pretrained": True}, "model": model.state_dict()}
+    rebuilt = model_from_checkpoint(ckpt)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+# --- airbench whitening ---------------------------------------------------------------------------------
+
+
+def _patch_covariance(y: torch.Tensor) -> torch.Tensor:
+    flat = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
+    return torch.cov(flat.T)
+
+
+def test_airbench_whitening_from_data():
+    torch.manual_seed(0)
+    # correlated images: shared component across channels plus a spatially smoothed field
+    base = torch.randn(200, 1, 33, 33)
+    smooth = (base[..., 1:, 1:] + base[..., :-1, 1:] + base[..., 1:, :-1] + base[..., :-1, :-1]) / 2
+    x = 0.8 * smooth + 0.5 * torch.randn(200, 3, 32, 32)
+    model = build_model("airbench", 10)
+    assert model.whiten.out_channels == 24
+    model.init_from_data(x)
+    with torch.no_grad():
+        y = model.whiten(x)
+    cov = _patch_covariance(y[:, :12])
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(model.whiten.weight[12:], -model.whiten.weight[:12])
+    # the raw patches were far from white
+    raw = torch.nn.functional.unfold(x, 2).transpose(1, 2).reshape(-1, 12)
+    assert (torch.cov(raw.T.double()) - torch.eye(12, dtype=torch.float64)).abs().max() > 0.3
