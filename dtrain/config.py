@@ -58,6 +58,8 @@ class Config:
                      "there, 'files' decodes in DataLoader workers; auto picks memory when the data fits",
                      ["auto", "memory", "files"])
     workers: int = _f(4, "DataLoader worker processes per training process (files loader)")
+    cache_dir: str | None = _f(None, "kaggle: folder for the packed cache of decoded images (default: "
+                               "DIR/.dtrain-cache beside the data)")
     # augmentation (batched, on the device, on uint8 images)
     augment: bool = _f(True, "apply the augmentations below to training images")
     crop_padding: int = _f(4, "random crop after padding by this many pixels (0: off)")
@@ -80,8 +82,13 @@ class Config:
     nesterov: bool = _f(False, "Nesterov momentum (sgd)")
     weight_decay: float = _f(5e-4, "weight decay")
     decay_norm_bias: bool = _f(True, "apply weight decay to biases and normalisation weights too")
+    bias_lr_scale: float = _f(1.0, "multiply the LR of 1-D parameters (biases, normalisation weights) by "
+                              "this and divide their weight decay by it (airbench: 64)")
     scheduler: str = _f("cosine", "learning-rate schedule",
                         ["cosine", "plateau", "multistep", "onecycle", "linear", "none"])
+    onecycle_start: float = _f(0.04, "onecycle: LR factor at the first step")
+    onecycle_peak: float = _f(0.25, "onecycle: fraction of training at which the LR peaks")
+    onecycle_end: float = _f(0.0, "onecycle: LR factor at the last step")
     warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs")
     milestones: list[int] = _f([150, 225], "multistep: epochs at which the LR is multiplied by --gamma")
     gamma: float = _f(0.1, "multistep: LR factor at each milestone")
@@ -93,6 +100,10 @@ class Config:
     ema: float | None = _f(None, "keep an exponential moving average of the weights with this decay and "
                            "evaluate it")
     tta: bool = _f(False, "evaluate on the image and its mirror, averaging the logits")
+    tta_shift: int = _f(0, "with --tta: also average the mirrored pairs of the image shifted diagonally by "
+                        "-N and +N pixels (reflect padding), weight 1/2 in all (airbench: 1)")
+    lookahead: int = _f(0, "with --ema DECAY: every N optimiser steps the trained weights jump to the "
+                        "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)")
     # system
     seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)")
     precision: str | None = _f(None, "mixed precision (default: the accelerate config/launcher's)",
@@ -236,6 +247,14 @@ def validate(cfg: Config) -> None:
         raise UserError("--cutout-length must be positive when --cutout-holes is set")
     if cfg.ema is not None and not 0.0 < cfg.ema < 1.0:
         raise UserError("--ema must be a decay between 0 and 1, e.g. 0.999")
+    if cfg.lookahead < 0 or cfg.lookahead and cfg.ema is None:
+        raise UserError("--lookahead N needs --ema DECAY (e.g. --ema 0.95 --lookahead 5) and N >= 0")
+    if cfg.tta_shift < 0 or cfg.tta_shift and not cfg.tta:
+        raise UserError("--tta-shift N needs --tta and N >= 0")
+    if not 0.0 < cfg.onecycle_peak < 1.0:
+        raise UserError("--onecycle-peak must be between 0 and 1 (exclusive), e.g. 0.25")
+    if cfg.bias_lr_scale <= 0:
+        raise UserError("--bias-lr-scale must be positive")
 
 
 def config_from_dict(d: dict) -> Config:

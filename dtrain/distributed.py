@@ -11,16 +11,43 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 
-def make_accelerator(precision: str | None = None, grad_accum: int = 1) -> Accelerator:
-    ddp = DistributedDataParallelKwargs(
-        gradient_as_bucket_view=True,   # gradients live in the all-reduce buckets: no extra copy
-        bucket_cap_mb=25,
-        broadcast_buffers=True,         # BatchNorm running statistics stay those of rank 0
-        find_unused_parameters=False,
-    )
+def make_accelerator(precision: str | None = None, grad_accum: int = 1, static_graph: bool = False,
+                     bucket_cap_mb: int = 25) -> Accelerator:
+    """The Accelerator with the DDP settings for speed.
+
+    gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out of them).
+    bucket_cap_mb 25 (torch's default): ResNet18's 45 MB of fp32 gradients go in 2 buckets, the first
+      all-reduced while the backward pass still runs; larger buckets overlap less, smaller ones launch
+      more collectives.
+    find_unused_parameters off: every model here uses all its trainable parameters in every training
+      forward (frozen ones, e.g. airbench's whitening, have requires_grad=False and are not reduced),
+      so DDP needs no graph traversal per step.
+    static_graph off by default: with find_unused_parameters off and every parameter used it brings no
+      speed, and it is wrong with gradient accumulation (DDP.no_sync; pytorch #143580,
+      accelerate #3679: an assertion or silently unreduced gradients), so it is forced off when
+      grad_accum > 1. It would be invalid for a model whose set of used parameters changes from step to
+      step (layer drop); googlenet's auxiliary heads run in every training step and evaluation runs
+      without gradients, so that one would be static.
+    broadcast_buffers: BatchNorm running statistics stay those of rank 0 (one small broadcast per step).
+    cudnn.benchmark on CUDA: input shapes are fixed, so the autotuned convolution algorithms are reused.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     # precision None: accelerate takes it from its config file / launcher flags / environment
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                       kwargs_handlers=[ddp], step_scheduler_with_optimizer=False)
+                       kwargs_handlers=[ddp_kwargs(grad_accum, static_graph, bucket_cap_mb)],
+                       step_scheduler_with_optimizer=False)
+
+
+def ddp_kwargs(grad_accum: int = 1, static_graph: bool = False, bucket_cap_mb: int = 25) -> DistributedDataParallelKwargs:
+    """The DDP settings `make_accelerator` uses (see there)."""
+    return DistributedDataParallelKwargs(
+        gradient_as_bucket_view=True,
+        bucket_cap_mb=bucket_cap_mb,
+        broadcast_buffers=True,
+        find_unused_parameters=False,
+        static_graph=bool(static_graph) and grad_accum == 1,
+    )
 
 
 def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch.Tensor):
@@ -38,3 +65,58 @@ def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch
     index = index[keep]
     order = index.argsort()
     return (index[order].cpu(), *[v[keep][order].cpu() for v in values])
+
+
+def broadcast(accelerator: Accelerator, value):
+    """The main process's value, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def on_main_first(accelerator: Accelerator, fn):
+    """Run fn on the main process first (e.g. to download, or to build a cache), then on the others.
+
+    Unlike a bare barrier, a failure on the main process reaches every process instead of leaving the
+    others waiting forever.
+    """
+    from dtrain.errors import UserError
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    error = broadcast(accelerator, error)
+    if error is not None:
+        raise UserError(error)
+    if not accelerator.is_main_process:
+        result = fn()
+    return result
+
+
+def run_on_main(accelerator: Accelerator, fn):
+    """fn() on the main process only; its (picklable) result, or its UserError, on every process."""
+    from dtrain.errors import UserError
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast(accelerator, (result, error))
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def first_error(accelerator: Accelerator, error: str | None) -> str | None:
+    """Any process's error message (the lowest rank's), on every process."""
+    if accelerator.num_processes == 1:
+        return error
+    from accelerate.utils import gather_object
+    errors = [e for e in gather_object([error]) if e is not None]
+    return errors[0] if errors else None

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
 from dtrain.checkpoint import atomic_write, rng_state, save_checkpoint, set_rng_state
-from dtrain.data.augment import batch_generator
+from dtrain.data.augment import BatchRNG
 from dtrain.distributed import gather_samples
+from dtrain.ema import WeightAverage
 from dtrain.optim import LRSchedule
 
 
@@ -56,17 +55,44 @@ def split_output(out):
     return out, ()
 
 
+def eager(model):
+    """The module under a torch.compile wrapper (the same parameters), or the model itself."""
+    return getattr(model, "_orig_mod", model)
+
+
+def tta_logits(model, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """Mean logits of the image and its mirror; with `shift`, averaged (1/2 each) with those of the image
+    moved by -shift and +shift pixels in both axes (reflect padding), as airbench's TTA."""
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+    def pair(t):
+        return (model(t).float() + model(t.flip(3).contiguous(memory_format=fmt)).float()) / 2
+
+    logits = pair(x)
+    if shift:
+        h, w = x.shape[2:]
+        padded = F.pad(x, (shift,) * 4, mode="reflect")
+        moved = [padded[:, :, :h, :w], padded[:, :, 2 * shift:, 2 * shift:]]
+        logits = logits / 2 + sum(pair(m.contiguous(memory_format=fmt)) for m in moved) / 4
+    return logits
+
+
 @torch.no_grad()
-def predict(model, loader, pipeline, accelerator, tta: bool = False):
-    """Logits for every item of `loader` (an evaluation shard per process), gathered: (index, logits)."""
+def predict(model, loader, pipeline, accelerator, tta: bool = False, tta_shift: int = 0):
+    """Logits for every item of `loader` (an evaluation shard per process), gathered: (index, logits).
+
+    A batch smaller than the loader's batch size (the last one) runs on the eager module under a
+    torch.compile wrapper, so a compiled model is never recompiled for it.
+    """
     model.eval()
     idx_parts, logit_parts = [], []
+    full = getattr(loader, "batch_size", None)
     for x, _, idx in loader.batches():
         x = pipeline(x)
+        m = model if full is None or len(x) == full else eager(model)
         with accelerator.autocast():
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = tta_logits(m, x, tta_shift) if tta else m(x).float()
         idx_parts.append(idx)
         logit_parts.append(logits)
     device = accelerator.device
@@ -75,8 +101,9 @@ def predict(model, loader, pipeline, accelerator, tta: bool = False):
     return gather_samples(accelerator, idx, logits)
 
 
-def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bool = False) -> Evaluation:
-    index, logits = predict(model, loader, pipeline, accelerator, tta)
+def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bool = False,
+             tta_shift: int = 0) -> Evaluation:
+    index, logits = predict(model, loader, pipeline, accelerator, tta, tta_shift)
     targets = labels.cpu()[index]
     loss = F.cross_entropy(logits, targets).item() if len(index) else float("nan")
     preds = logits.argmax(1)
@@ -97,13 +124,16 @@ class Trainer:
         self.state = TrainState()
         self.ema = None
         if cfg.ema:
-            self.ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+            self.ema = WeightAverage(raw_model, cfg.ema, getattr(cfg, "lookahead", 0))
+        self.rng = BatchRNG(accelerator.device, cfg.seed, accelerator.process_index)
+        self.compiled = eager(model) is not model
         self.steps_per_epoch = -(-len(train_loader) // cfg.grad_accum)
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
         self.schedule = LRSchedule(optimizer, cfg, self.steps_per_epoch, self.total_steps)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.first_step_seconds = None
+        self.warmup_seconds = None     # fit start to the end of the first optimiser step (compile included)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -133,7 +163,7 @@ class Trainer:
         self.raw.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["model"])
-            self.ema.n_averaged.fill_(ckpt.get("ema_n", 1))
+            self.ema.load_count(ckpt.get("ema_n", 1))
         self.opt.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.acc.scaler is not None and ckpt.get("scaler"):
@@ -149,8 +179,10 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------
     def train_step(self, x, y, sync: bool):
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+        # a compiled model keeps the shape of a full batch; the epoch's short last batch runs eagerly
+        model = self.model if not self.compiled or len(x) == self.train_loader.batch_size else eager(self.model)
         with ctx:
-            logits, aux = split_output(self.model(x))
+            logits, aux = split_output(model(x))
             loss = self.criterion(logits.float(), y)
             for weight, aux_logits in aux:
                 loss = loss + weight * self.criterion(aux_logits.float(), y)
@@ -164,14 +196,35 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.schedule.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.raw)
+            self.ema.update_parameters(self.raw, (self.state.step + 1) / self.total_steps)
         self.state.step += 1
+
+    @torch.no_grad()
+    def warm_up_eval(self) -> None:
+        """Compile the evaluation graph before the clock runs: one forward of a validation batch in eval
+        mode, no gradients (no state changes: BatchNorm uses its running statistics)."""
+        model = self.ema.module if self.ema is not None else self.model
+        if eager(model) is model or not len(self.val_loader):
+            return
+        x = next(iter(self.val_loader.batches()))[0]
+        if len(x) == getattr(self.val_loader, "batch_size", len(x)):
+            model.eval()
+            with self.acc.autocast():
+                tta_logits(model, self.eval_pipe(x), getattr(self.cfg, "tta_shift", 0)) if self.cfg.tta \
+                    else model(self.eval_pipe(x))
+        self.model.train()
+
+    def _sync(self) -> None:
+        if self.acc.device.type == "cuda":
+            torch.cuda.synchronize(self.acc.device)
 
     def fit(self) -> dict:
         cfg, s, acc = self.cfg, self.state, self.acc
         stopped_by = 0
-        t_start = time.perf_counter()
+        t_start = self.t_fit = time.perf_counter()
         last_eval = None
+        if self.compiled:
+            self.warm_up_eval()
         while s.epoch < cfg.epochs and s.step < self.total_steps and not stopped_by:
             epoch = s.epoch
             nb = len(self.train_loader)
@@ -181,18 +234,21 @@ class Trainer:
             t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), 0
             for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
                 t_step = time.perf_counter()
-                x = self.train_pipe(x, batch_generator(acc.device, cfg.seed, epoch, b, acc.process_index))
+                x = self.train_pipe(x, self.rng.batch(epoch, b))
                 sync = (b + 1) % cfg.grad_accum == 0 or b + 1 == nb
                 loss, correct = self.train_step(x, y, sync)
+                # torch.full, not torch.tensor: a blocking host-to-device copy would sync every step
                 sums += torch.stack([loss.double() * len(y), correct.double(),
-                                     torch.tensor(float(len(y)), device=acc.device, dtype=torch.float64)])
+                                     torch.full((), float(len(y)), device=acc.device, dtype=torch.float64)])
                 seen_log += len(y)
                 if not sync:
                     continue
                 self.optimizer_step()
                 s.batch_in_epoch = b + 1
-                if self.first_step_seconds is None:
+                if self.first_step_seconds is None:  # one synchronisation per run, to time the warm-up
+                    self._sync()
                     self.first_step_seconds = time.perf_counter() - t_step
+                    self.warmup_seconds = time.perf_counter() - t_start
                 if s.step % cfg.log_every == 0 or s.batch_in_epoch == nb:
                     now = time.perf_counter()
                     self.report.step(s.step, {"loss": loss.item(), "lr": self.schedule.lr, "batch": b + 1,
@@ -215,6 +271,8 @@ class Trainer:
             last_eval = self.end_epoch(epoch, sums, finished=s.batch_in_epoch >= nb)
         summary = {"steps": s.step, "epochs": s.epoch, "best_acc": s.best_acc, "stopped_by_signal": stopped_by,
                    "train_seconds": time.perf_counter() - t_start, "first_step_seconds": self.first_step_seconds,
+                   "warmup_seconds": self.warmup_seconds,
+                   "steady_seconds": time.perf_counter() - t_start - (self.warmup_seconds or 0.0),
                    "output_dir": str(self.out)}
         if not stopped_by:
             self.report.end(summary, last_eval)
@@ -228,13 +286,15 @@ class Trainer:
         t_eval = time.perf_counter()
         if (epoch + 1) % cfg.eval_every == 0 or last:
             model = self.ema.module if self.ema is not None else self.model
-            ev = evaluate(model, self.val_loader, self.eval_pipe, acc, self.val_labels, cfg.tta)
+            ev = evaluate(model, self.val_loader, self.eval_pipe, acc, self.val_labels, cfg.tta,
+                          getattr(cfg, "tta_shift", 0))
         row = {"epoch": epoch + 1, "step": s.step,
                "train_loss": total[0] / max(total[2], 1), "train_acc": total[1] / max(total[2], 1),
                "val_loss": ev.loss if ev else None, "val_acc": ev.acc if ev else None, "lr": self.schedule.lr,
                "epoch_seconds": s.epoch_seconds, "eval_seconds": time.perf_counter() - t_eval,
                "images_per_second": total[2] / s.epoch_seconds if s.epoch_seconds else None,
-               "train_samples": int(total[2])}
+               "train_samples": int(total[2]), "val_samples": len(ev.index) if ev else None,
+               "elapsed_seconds": time.perf_counter() - self.t_fit, "warmup_seconds": self.warmup_seconds}
         self.schedule.end_epoch(row)
         best = ev is not None and (s.best_acc is None or ev.acc > s.best_acc)
         if best:
@@ -242,6 +302,8 @@ class Trainer:
         self.report.epoch(row, ev)
         if finished:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-        s.epoch_sums, s.epoch_seconds = [0.0, 0.0, 0.0], 0.0
+            s.epoch_sums, s.epoch_seconds = [0.0, 0.0, 0.0], 0.0
+        else:  # stopped mid-epoch by --max-steps: a resumed run completes this epoch's figures
+            s.epoch_sums = total
         self.save(best=best)
         return ev

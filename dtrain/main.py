@@ -26,42 +26,6 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def on_main_first(accelerator, fn):
-    """Run fn on the main process first (e.g. to download), then on the others.
-
-    Unlike a bare barrier, a failure on the main process reaches every process instead of leaving the
-    others waiting forever.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    from dtrain.errors import UserError
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-    if accelerator.num_processes > 1:
-        box = [error]
-        broadcast_object_list(box)
-        error = box[0]
-    if error is not None:
-        raise UserError(error)
-    if not accelerator.is_main_process:
-        result = fn()
-    return result
-
-
-def broadcast(accelerator, value):
-    """The main process's value, on every process."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-    box = [value]
-    broadcast_object_list(box)
-    return box[0]
-
-
 def default_output_dir(cfg) -> Path:
     job, job_id = os.environ.get("SLURM_JOB_NAME"), os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job and job_id:  # stable across requeues of the same job
@@ -95,7 +59,7 @@ def run(argv=None) -> dict | None:
     from dtrain.data import load_dataset, stats
     from dtrain.data.augment import AugmentSpec, Pipeline
     from dtrain.data.loader import make_loader
-    from dtrain.distributed import make_accelerator
+    from dtrain.distributed import broadcast, make_accelerator, on_main_first
     from dtrain.engine import Trainer
     from dtrain.errors import UserError
     from dtrain.models import build_model, count_parameters, list_archs

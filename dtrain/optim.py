@@ -7,18 +7,28 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
-    if decay_norm_bias:
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, lr: float | None = None,
+                 bias_lr_scale: float = 1.0) -> list[dict]:
+    """Weight matrices/kernels in one group; 1-D parameters (biases, normalisation weights) in another
+    when they get no weight decay or their own learning rate: `bias_lr_scale` multiplies their LR and
+    divides their weight decay, so the decay per step (lr * wd) stays that of the other weights."""
+    if decay_norm_bias and bias_lr_scale == 1.0:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    vectors = {"params": no_decay, "weight_decay": weight_decay / bias_lr_scale if decay_norm_bias else 0.0}
+    if bias_lr_scale != 1.0:
+        if lr is None:
+            raise ValueError("bias_lr_scale needs the base lr")
+        vectors["lr"] = lr * bias_lr_scale
+    return [{"params": decay, "weight_decay": weight_decay}, vectors]
 
 
 def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias, cfg.lr,
+                          getattr(cfg, "bias_lr_scale", 1.0))
     # fused kernels on CUDA (one launch for all parameters), foreach elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.optimizer == "sgd":
@@ -58,9 +68,11 @@ class LRSchedule:
             shape = 0.5 * (1 + math.cos(math.pi * progress))
         elif c.scheduler == "linear":
             shape = 1.0 - progress
-        elif c.scheduler == "onecycle":  # linear up over the first quarter from 1/25, then linear down to 0
+        elif c.scheduler == "onecycle":  # linear from `start` up to 1 at `peak`, then linear down to `end`
             p = t / self.total
-            shape = 0.04 + 0.96 * p / 0.25 if p < 0.25 else max(0.0, (1 - p) / 0.75)
+            start, peak, end = (getattr(c, "onecycle_start", 0.04), getattr(c, "onecycle_peak", 0.25),
+                                getattr(c, "onecycle_end", 0.0))
+            shape = start + (1 - start) * p / peak if p < peak else max(end, end + (1 - end) * (1 - p) / (1 - peak))
         elif c.scheduler == "multistep":
             epoch = t / self.steps_per_epoch
             shape = c.gamma ** sum(epoch >= m for m in c.milestones)

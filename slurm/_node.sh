@@ -140,4 +140,7 @@ while :; do
         relay
     done
 done
+if [[ -n $stop_signal || $rc -ne 0 ]]; then
+    log "launcher exited with status $rc"
+fi
 exit "$rc"

@@ -32,10 +32,37 @@ class AugmentSpec:
                    cfg.cutout_holes, cfg.cutout_length)
 
 
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """A 63-bit seed for one batch: the four numbers mixed (splitmix64 steps), so no two
+    (seed, epoch, batch, rank) of a run share a stream."""
+    h = 0x9E3779B97F4A7C15
+    for v in (seed, epoch, batch, rank):
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h >> 1
+
+
 def batch_generator(device, seed: int, epoch: int, batch: int, rank: int) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch * 65_537 + batch * 257 + rank) % (2 ** 63))
+    g.manual_seed(batch_seed(seed, epoch, batch, rank))
     return g
+
+
+class BatchRNG:
+    """The training loop's augmentation generator: one per process, re-seeded for every batch.
+
+    A batch's draws depend only on (seed, epoch, batch index, rank), so a run resumed mid-epoch draws
+    the same augmentations for the remaining batches. Re-seeding sets the host-side seed and Philox
+    offset only: no device work, no synchronisation, and no new generator object per step.
+    """
+
+    def __init__(self, device, seed: int, rank: int):
+        self.generator = torch.Generator(device=device)
+        self.seed, self.rank = seed, rank
+
+    def batch(self, epoch: int, batch: int) -> torch.Generator:
+        return self.generator.manual_seed(batch_seed(self.seed, epoch, batch, self.rank))
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ def decode_image(path: str | Path, size: int | None, channels: int = 3) -> np.nd
             im = im.convert("L" if channels == 1 else "RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im)
+            arr = np.array(im)  # writable (np.asarray gives a read-only view torch warns about)
     except Exception as e:
         raise UserError(f"cannot decode image {path}: {type(e).__name__}: {e}. Remove or replace the file.") \
             from None
@@ -77,8 +77,12 @@ class MemoryLoader(_Loader):
         self.labels = imageset.labels.to(device)
 
     def batches(self, epoch: int = 0, start: int = 0):
-        for idx in self.index_batches(epoch, start):
-            idx = idx.to(self.device, non_blocking=True)
+        index_batches = self.index_batches(epoch, start)
+        if not index_batches:
+            return
+        # the epoch's indices go to the device in one copy; batches are views of it
+        flat = torch.cat(index_batches).to(self.device, non_blocking=True)
+        for idx in flat.split([len(b) for b in index_batches]):
             yield self.images[idx], self.labels[idx], idx
 
 

@@ -7,9 +7,18 @@ from dtrain.report import Reporters
 
 
 def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bool) -> Reporters:
+    if getattr(cfg, "tensorboard", False):  # every process checks, so all fail alike without the package
+        from dtrain.report.tensorboard import summary_writer_class
+        summary_writer_class()
     if not is_main:
         return Reporters()
     from dtrain.report.console import ConsoleReporter
     from dtrain.report.metrics import MetricsFile
     members = [ConsoleReporter(), MetricsFile(output_dir, resumed_epoch)]
+    if getattr(cfg, "tensorboard", False):
+        from dtrain.report.tensorboard import TensorBoardReporter
+        members.append(TensorBoardReporter(output_dir, resumed=resumed_epoch is not None))
+    if getattr(cfg, "plots", False):
+        from dtrain.report.plots import make_plot_reporter
+        members.append(make_plot_reporter(output_dir, resumed_epoch))
     return Reporters(members)

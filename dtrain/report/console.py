@@ -1,6 +1,9 @@
 """The console on the main process: a rich progress bar per epoch and a table row per epoch."""
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -10,9 +13,16 @@ COLUMNS = [("epoch", "{}"), ("step", "{}"), ("train_loss", "{:.4f}"), ("train_ac
            ("images_per_second", "{:,.0f}")]
 
 
+def make_console() -> Console:
+    """Lines are not wrapped in logs (Slurm, CI): a non-terminal gets a wide console."""
+    if sys.stdout.isatty():
+        return Console(soft_wrap=True)
+    return Console(soft_wrap=True, width=max(120, int(os.environ.get("COLUMNS", 0) or 0)))
+
+
 class ConsoleReporter:
     def __init__(self, console: Console | None = None):
-        self.console = console or Console()
+        self.console = console or make_console()
         self.progress = None
         self.task = None
         self.rows = 0

@@ -1,0 +1,24 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import SHARED_DATA, write_cifar  # noqa: E402
+
+pytest_plugins = ["cluster.fixtures"]  # the slurm_cluster fixture (tests/cluster/)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> Path:
+    """A small generated CIFAR-10 folder in the real pickled-batch layout (200 train, 50 test)."""
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real images in ../shared/data; tests that need them skip where it is absent."""
+    if not (SHARED_DATA / "cifar10_jpeg.npz").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,85 @@
+"""Shared test helpers: generated datasets in real on-disk formats and launching real processes."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MAIN = str(REPO / "dtrain" / "main.py")
+
+
+def write_cifar(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0, batches: int = 2,
+                classes: int = 10, learnable: bool = True) -> Path:
+    """A CIFAR-10 folder in the real pickled-batch format (dict with 'data' N x 3072 uint8, 'labels')."""
+    rng = np.random.default_rng(seed)
+    d = Path(root) / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+
+    def make(n):
+        y = rng.integers(0, classes, n)
+        x = rng.normal(128, 40, (n, 3, 32, 32))
+        if learnable:  # a per-class colour, so a model can learn
+            x += (np.linspace(-60, 60, classes)[y])[:, None, None, None] * np.array([1, -1, 0.5])[None, :, None, None]
+        return np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), y
+
+    x, y = make(n_train)
+    for k, idx in enumerate(np.array_split(np.arange(n_train), batches)):
+        with open(d / f"data_batch_{k + 1}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {k + 1}", "labels": y[idx].tolist(), "data": x[idx],
+                         "filenames": [f"{i}.png" for i in idx]}, f)
+    x, y = make(n_test)
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch", "labels": y.tolist(), "data": x,
+                     "filenames": [f"{i}.png" for i in range(n_test)]}, f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"][:classes]
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
+    return Path(root)
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+              "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)})
+    e.pop("CUDA_VISIBLE_DEVICES", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True,
+           extra_env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a dtrain entry point on nproc CPU processes (accelerate launch; plain python for 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), script, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**(extra_env or {})),
+                       cwd=cwd or REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n"
+                             f"--- stderr\n{r.stderr[-6000:]}")
+    return r
+
+
+def train(args: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
+    return launch(MAIN, ["--no-wandb", "--no-plots", *args], nproc, **kw)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

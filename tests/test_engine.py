@@ -1,0 +1,113 @@
+"""The engine, through real processes: `accelerate launch --multi_gpu --num_processes N dtrain/main.py`
+starts N CPU processes (gloo) here."""
+import pytest
+import torch
+
+from dtrain.checkpoint import load_checkpoint
+from dtrain.models import build_model
+from helpers import metrics, train
+
+TINY = ["--arch", "cnn", "--data-dir", None, "--no-download", "--batch-size", "40", "--eval-batch-size", "64",
+        "--workers", "0", "--log-every", "1"]
+
+
+def tiny(cifar_dir, *more):
+    args = list(TINY)
+    args[3] = str(cifar_dir)
+    return args + list(more)
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def test_two_process_run_trains_checkpoints_once_and_resumes(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    r = train(tiny(cifar_dir, "--epochs", "1", "--output-dir", str(out)), nproc=2)
+    assert "world size 2" in r.stdout
+    assert r.stdout.count("done:") == 1                       # one console: the main process's
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    rows = metrics(out)
+    assert [row["epoch"] for row in rows] == [1]
+    assert rows[0]["train_samples"] == 200 and rows[0]["val_samples"] == 50
+    assert rows[0]["step"] == 5                                # 200 images / global batch 40
+    ck = load_checkpoint(out / "last.pt")
+    assert (ck["epoch"], ck["step"], ck["batch_in_epoch"]) == (1, 5, 0)
+
+    r = train(tiny(cifar_dir, "--epochs", "3", "--output-dir", str(out), "--resume", "auto"), nproc=2)
+    assert "resumed from" in r.stdout and "at epoch 2, step 5" in r.stdout
+    rows = metrics(out)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert [row["step"] for row in rows] == [5, 10, 15]
+    assert load_checkpoint(out / "last.pt")["step"] == 15
+
+
+def test_one_and_two_processes_end_with_the_same_weights(cifar_dir, tmp_path):
+    """Same global batch, no augmentation, no batch statistics: DDP on 2 processes is the 1-process run."""
+    args = tiny(cifar_dir, "--norm", "group", "--no-augment", "--epochs", "2", "--lr", "0.05")
+    train(args + ["--output-dir", str(tmp_path / "p1")], nproc=1)
+    train(args + ["--output-dir", str(tmp_path / "p2")], nproc=2)
+    w1, w2 = weights(tmp_path / "p1" / "last.pt"), weights(tmp_path / "p2" / "last.pt")
+    assert_same_weights(w1, w2, atol=1e-5)
+    # and training did move the weights away from the seeded initialisation (a test that cannot fail...)
+    torch.manual_seed(0)
+    init = build_model("cnn", 10, 3, 32, norm="group").state_dict()
+    assert max((init[k].float() - w1[k].float()).abs().max().item() for k in w1) > 1e-3
+    m1, m2 = metrics(tmp_path / "p1"), metrics(tmp_path / "p2")
+    assert [r["lr"] for r in m1] == [r["lr"] for r in m2]
+    assert m1[-1]["val_acc"] == pytest.approx(m2[-1]["val_acc"])
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_evaluation_counts_every_image_once(tmp_path, nproc):
+    """1,001 validation images on 1, 2 and 3 processes: each counted once, the same accuracy.
+
+    lr 0 and GroupNorm: the model stays the seeded initialisation, identical on any number of processes.
+    """
+    out = tmp_path / f"n{nproc}"
+    train(["--arch", "cnn", "--norm", "group", "--dataset", "fake", "--fake-size", "4004", "--lr", "0",
+           "--batch-size", "12", "--max-steps", "1", "--eval-batch-size", "250", "--output-dir", str(out)],
+          nproc=nproc)
+    row = metrics(out)[-1]
+    assert row["val_samples"] == 1001
+    pytest.evaluation_results = getattr(pytest, "evaluation_results", {})
+    pytest.evaluation_results[nproc] = (row["val_acc"], row["val_loss"])
+    first = next(iter(pytest.evaluation_results.values()))
+    assert row["val_acc"] == pytest.approx(first[0], abs=1e-9)
+    assert row["val_loss"] == pytest.approx(first[1], rel=1e-4)
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(cifar_dir, tmp_path):
+    """Stop after 3 of the 5 steps of epoch 1 and resume: the same weights as never stopping.
+
+    Skipping happens only in the epoch resumed into; augmentation draws are the same after resume.
+    """
+    args = tiny(cifar_dir, "--epochs", "2", "--scheduler", "none", "--cutout-holes", "1")
+    train(args + ["--output-dir", str(tmp_path / "a")])
+    train(args + ["--output-dir", str(tmp_path / "b"), "--max-steps", "3"])
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (ck["epoch"], ck["step"], ck["batch_in_epoch"]) == (0, 3, 3)
+    train(args + ["--output-dir", str(tmp_path / "b"), "--resume", "auto"])
+    assert_same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"), atol=1e-6)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert [r["train_samples"] for r in a] == [r["train_samples"] for r in b] == [200, 200]
+    assert [r["step"] for r in b] == [5, 10]
+
+
+def test_plateau_steps_once_per_epoch_on_two_processes(cifar_dir, tmp_path):
+    """ReduceLROnPlateau-style: patience 0 on a metric that cannot improve halves the LR once per epoch."""
+    out = tmp_path / "plateau"
+    train(tiny(cifar_dir, "--epochs", "3", "--scheduler", "plateau", "--plateau-patience", "0",
+               "--plateau-monitor", "val_acc", "--lr", "0", "--weight-decay", "0", "--output-dir", str(out)),
+          nproc=2)
+    # lr 0: the metric never improves after epoch 1, so epochs 2 and 3 each cut the (zero) LR: the
+    # schedule's scale is what we can observe
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["scheduler"]["scale"] == pytest.approx(0.25)

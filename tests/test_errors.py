@@ -1,0 +1,81 @@
+"""Every failure a user can cause ends with a clear message, not a traceback or a silent fresh start."""
+import pytest
+import torch
+
+from dtrain.checkpoint import load_checkpoint, save_checkpoint
+from helpers import train
+
+BASE = ["--arch", "cnn", "--no-download", "--max-steps", "1", "--batch-size", "40", "--workers", "0"]
+
+
+def fails(args, nproc=1, **kw):
+    r = train(args, nproc=nproc, check=False, **kw)
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr.split("error:")[0] if nproc == 1 else True
+    return r.stderr
+
+
+def test_unknown_arch_lists_the_valid_names(cifar_dir):
+    err = fails(BASE + ["--data-dir", str(cifar_dir), "--arch", "resnet181"])
+    assert "resnet181" in err and "resnet18" in err and "googlenet" in err and "cnn" in err
+
+
+def test_missing_dataset_names_the_path(tmp_path):
+    err = fails(BASE + ["--data-dir", str(tmp_path / "absent")])
+    assert str(tmp_path / "absent") in err and "cifar-10-batches-py" in err
+
+
+def test_global_batch_must_divide_over_processes(cifar_dir):
+    err = fails(BASE + ["--data-dir", str(cifar_dir), "--batch-size", "41"], nproc=2)
+    assert "--batch-size 41 is the global batch" in err
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(cifar_dir):
+    err = fails(BASE + ["--data-dir", str(cifar_dir), "--sync-bn"])
+    assert "--sync-bn needs GPUs" in err and "Traceback" not in err
+
+
+def test_resume_from_bad_files(cifar_dir, tmp_path):
+    args = BASE + ["--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o")]
+    err = fails(args + ["--resume", str(tmp_path / "none.pt")])
+    assert "does not exist" in err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    assert "cannot be read" in fails(args + ["--resume", str(tmp_path / "junk.pt")])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    assert "not a dtrain checkpoint" in fails(args + ["--resume", str(tmp_path / "foreign.pt")])
+    # a real checkpoint cut short
+    good = tmp_path / "good"
+    train(BASE + ["--data-dir", str(cifar_dir), "--output-dir", str(good)])
+    data = (good / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert "cannot be read" in fails(args + ["--resume", str(tmp_path / "cut.pt")])
+    # another arch's checkpoint
+    err = fails(args + ["--resume", str(good / "last.pt"), "--arch", "mnist-cnn"])
+    assert "holds a 'cnn' model" in err
+
+
+def test_checkpoints_are_loaded_with_weights_only(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+    torch.save({"format": "dtrain", "x": Payload()}, tmp_path / "evil.pt")
+    from dtrain.errors import UserError
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    state = {k: 0 for k in ("arch", "arch_args", "num_classes", "in_channels", "image_size", "classes", "mean",
+                            "std", "model")}
+    save_checkpoint(path, {**state, "step": 1})
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt  # a kill in the middle of writing
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {**state, "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temp file left behind

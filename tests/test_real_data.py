@@ -1,0 +1,21 @@
+"""Training on real CIFAR-10 images (../shared/data; skipped where absent)."""
+import subprocess
+import sys
+
+import pytest
+
+from helpers import metrics, train
+
+
+@pytest.mark.slow
+def test_cnn_learns_real_cifar(shared_data, tmp_path):
+    """5,000 real training images, about a minute of 2-core CPU: >= 40% on 1,000 real test images."""
+    subprocess.run([sys.executable, str(shared_data / "export.py"), "cifar", str(tmp_path / "c"), "--train", "5000",
+                    "--test", "1000"], check=True, capture_output=True)
+    out = tmp_path / "run"
+    train(["--arch", "cnn", "--data-dir", str(tmp_path / "c"), "--no-download", "--epochs", "6",
+           "--batch-size", "64", "--lr", "0.05", "--scheduler", "onecycle", "--output-dir", str(out)],
+          timeout=600)
+    rows = metrics(out)
+    assert rows[-1]["val_samples"] == 1000
+    assert rows[-1]["val_acc"] >= 0.40, rows[-1]

@@ -1,0 +1,236 @@
+"""slurm/cifar.sh on a real (throw-away, two-node) Slurm cluster, and stop-on-signal.
+
+The cluster comes from the ``slurm_cluster`` fixture (tests/cluster/): these tests skip where it
+cannot run (not root, no unshare, Slurm not installed) and fail on CI instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.slurm_cluster import NODES
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny but not instant: 2 processes x 8 images per step, 80 steps per epoch, 2 epochs.
+FAKE_SIZE, BATCH, EPOCHS = 1280, 16, 2
+STEPS_PER_EPOCH = FAKE_SIZE // BATCH
+TRAIN_ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", str(FAKE_SIZE), "--batch-size", str(BATCH),
+              "--epochs", str(EPOCHS), "--seed", "0", "--no-wandb"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+STOP_LINE = re.compile(r"stopped by signal (\d+) at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
+
+pytestmark = pytest.mark.slurm
+
+
+def job_env(cluster) -> dict:
+    # sbatch exports the submitting environment to the job: one thread per process on 2 cores.
+    return dict(cluster.env, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+
+
+def sbatch_cmd(log: Path, args: list[str], *options: str) -> list[str]:
+    return ["sbatch", *options, "--nodes", "2", "--output", str(log), "slurm/cifar.sh", *args]
+
+
+def submit(cluster, log: Path, args: list[str]) -> str:
+    r = cluster.run(sbatch_cmd(log, args, "--parsable"), cwd=REPO, env=job_env(cluster))
+    assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+    return r.stdout.strip().split(";")[0]
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def failure(cluster, job_id: str, log: Path, what: str) -> str:
+    return (f"{what}\n--- scontrol show job {job_id}: {cluster.job_state(job_id)}\n--- job log {log}:\n"
+            f"{read(log)}\n--- daemons:\n{cluster.logs()}")
+
+
+def wait_job(cluster, job_id: str, log: Path, timeout: float = 90) -> dict:
+    """Poll until the job has ended (through requeues); its final ``scontrol show job`` fields."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.job_state(job_id)
+        if state.get("JobState") in TERMINAL:
+            return state
+        time.sleep(0.25)
+    cluster.run(["scancel", job_id])
+    pytest.fail(failure(cluster, job_id, log, f"job {job_id} did not end within {timeout:.0f} s"))
+
+
+def wait_for_line(cluster, job_id: str, log: Path, pattern: str, timeout: float = 60) -> None:
+    """Poll the job log until a line matches (fails early if the job ends first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(pattern, read(log), re.M):
+            return
+        if cluster.job_state(job_id).get("JobState") in TERMINAL:
+            break
+        time.sleep(0.1)
+    cluster.run(["scancel", job_id])
+    pytest.fail(failure(cluster, job_id, log, f"no line matching {pattern!r} in the job log"))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_nodes_answer_srun(slurm_cluster):
+    r = slurm_cluster.run(["srun", "-N2", "hostname"], timeout=60)
+    assert r.returncode == 0, r.stderr + slurm_cluster.logs()
+    assert sorted(r.stdout.split()) == list(NODES)
+    # Inside a node, every node name resolves (the torchrun rendezvous host is "n1").
+    r = slurm_cluster.run(["srun", "-N2", "getent", "hosts", "n1"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[::3] == ["127.0.0.1", "127.0.0.1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_job(slurm_cluster, tmp_path_factory):
+    """One uninterrupted 2-node job, submitted with `sbatch --wait`; also the preemption baseline.
+
+    Its --output-dir lies under the cluster's node-local directory, which each node sees as a
+    directory of its own: the files land in the directory of the node whose process wrote them.
+    """
+    cluster = slurm_cluster
+    tmp = tmp_path_factory.mktemp("ddp")
+    log = tmp / "job.log"
+    out = cluster.node_local / tmp.name
+    # stdbuf: sbatch's "Submitted batch job N" would otherwise sit in its stdout buffer until it exits.
+    waiter = subprocess.Popen(["stdbuf", "-oL", *sbatch_cmd(log, [*TRAIN_ARGS, "--output-dir", str(out)], "--wait")],
+                              cwd=REPO, env=job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    # `sbatch --wait` polls the job after 2, 8, 32 s...: take the job id and poll faster ourselves.
+    first = waiter.stdout.readline()
+    match = re.search(r"Submitted batch job (\d+)", first)
+    if not match:
+        waiter.kill()
+        pytest.fail(f"sbatch --wait said {first!r} {waiter.communicate()}")
+    job_id = match.group(1)
+    state = wait_job(cluster, job_id, log)
+    yield {"job_id": job_id, "state": state, "log": log, "out": out, "waiter": waiter,
+           "node_dirs": {n: cluster.node_dir(n) / tmp.name for n in NODES}}
+    if waiter.poll() is None:
+        waiter.kill()
+        waiter.wait()
+
+
+def test_sbatch_two_nodes_is_one_ddp_job(ddp_job, slurm_cluster):
+    job_id, state, log = ddp_job["job_id"], ddp_job["state"], ddp_job["log"]
+    text = read(log)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", failure(
+        slurm_cluster, job_id, log, "the job did not complete")
+    assert state["NumNodes"] == "2"
+    assert "world size 2" in text, text
+    assert text.count("done:") == 1, text               # one console: the main process
+    # Exactly one process wrote the outputs: only one node's view of the output dir has files.
+    written = {n: sorted(p.name for p in d.iterdir()) if d.is_dir() else [] for n, d in ddp_job["node_dirs"].items()}
+    writers = [n for n, files in written.items() if files]
+    assert len(writers) == 1, f"files per node: {written}"
+    run_dir = ddp_job["node_dirs"][writers[0]]
+    assert {"last.pt", "metrics.jsonl", "config.json"} <= set(written[writers[0]]), written
+    rows = metrics(run_dir)
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
+    assert all(r["train_samples"] == FAKE_SIZE for r in rows), rows
+    # The default for a job: --resume auto (a fresh start here), no requeue.
+    assert "--resume auto" in text and "(restart 0)" in text and "requeue" not in text
+
+
+def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, tmp_path):
+    cluster = slurm_cluster
+    log, out = tmp_path / "job.log", tmp_path / "run"
+    job_id = submit(cluster, log, [*TRAIN_ARGS, "--output-dir", str(out)])
+    # "output: DIR" is printed after the stop handlers are installed and before the first step.
+    wait_for_line(cluster, job_id, log, r"^output: ")
+    r = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+    assert r.returncode == 0, r.stderr
+    state = wait_job(cluster, job_id, log, timeout=120)
+    text = read(log)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", failure(
+        cluster, job_id, log, "the requeued job did not complete")
+    assert state["JobId"] == job_id and state["Restarts"] == "1", state
+
+    stops = STOP_LINE.findall(text)
+    assert len(stops) == 1, text
+    signum, step, epoch, batch, nb = map(int, stops[0])
+    assert signum == signal.SIGUSR1
+    assert epoch == 1 and 0 < batch < nb == STEPS_PER_EPOCH, f"not stopped mid-epoch: {stops[0]}\n{text}"
+    assert f"requeueing job {job_id}" in text
+    assert "(restart 1)" in text                          # SLURM_RESTART_COUNT=1 in the second run
+    assert re.search(rf"resumed from .*last\.pt at epoch 1, step {step}\b", text), text
+    assert text.count("done:") == 1
+
+    # Same optimiser steps and per-epoch samples as the uninterrupted run.
+    baseline = metrics(next(d for d in ddp_job["node_dirs"].values() if (d / "metrics.jsonl").exists()))
+    rows = metrics(out)
+    keys = ("epoch", "step", "train_samples")
+    assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in baseline]
+
+
+def test_sbatch_wait_exits_0(ddp_job):
+    """`sbatch --wait` (the ddp job's submitter) returns the job's exit status: 0."""
+    waiter = ddp_job["waiter"]
+    try:
+        rc = waiter.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("sbatch --wait did not return within 90 s of the job's end")
+    assert rc == 0, waiter.stderr.read()
+
+
+def test_sigterm_plain_run_saves_and_stops(tmp_path):
+    """No Slurm: SIGTERM to `python dtrain/main.py` saves last.pt at the next step and exits 0."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    args = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "2560", "--batch-size", "16", "--epochs", "1",
+            "--seed", "0", "--no-wandb", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "dtrain/main.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("output: "):
+                started.set()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(120), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    thread.join(10)
+    text = "".join(lines)
+    assert rc == 0, text
+    stops = STOP_LINE.findall(text)
+    assert len(stops) == 1 and int(stops[0][0]) == signal.SIGTERM, text
+    step, batch, nb = int(stops[0][1]), int(stops[0][3]), int(stops[0][4])
+    assert 0 < batch < nb, text
+    assert (out / "last.pt").is_file()
+    assert "requeue" not in text.lower() and "done:" not in text
+
+    # --resume auto continues from the saved step and finishes the epoch.
+    r = subprocess.run([sys.executable, "dtrain/main.py", *args, "--resume", "auto"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"step {step}" in r.stdout
+    rows = metrics(out)
+    assert [(x["epoch"], x["step"], x["train_samples"]) for x in rows] == [(1, nb, 2560)]
