@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # the signal handlers are called from traps
 # Per-node launcher, started once per node by slurm/_launch.sh through srun (not for direct use):
 #   bash slurm/_node.sh ENTRY ARGS...
 # Runs torchrun with GPUS_PER_NODE processes on this node (c10d rendezvous across the nodes of
@@ -77,7 +78,7 @@ else
     fi
 fi
 
-log "$nproc process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS, node ${SLURM_NODEID:-0} of $nnodes"
+log "$nproc process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS: ${launcher[*]} $entry ..."
 
 # The launcher and (by inheritance) its workers start with SIGUSR1 ignored: a USR1 delivered to
 # the whole step (Slurm signals every process of a task) must not kill torchrun, and one that
@@ -89,6 +90,7 @@ launcher_pid=$!
 
 stop_signal=""
 trapped=0
+repeater_pid=""
 
 # The launcher's children: the training processes.
 workers() {
@@ -110,18 +112,36 @@ workers() {
 relay() {
     local pid
     for pid in $(workers); do
-        kill -s "$stop_signal" "$pid" 2>/dev/null || true
+        kill -s "$1" "$pid" 2>/dev/null || true
     done
 }
 
-# shellcheck disable=SC2317  # invoked by the traps below
 on_signal() {
     trapped=1
     if [[ -z $stop_signal ]]; then
         log "got SIG$1: relaying it to the training processes"
     fi
     stop_signal=$1
-    relay
+    relay "$1"
+    # Repeat it every 2 s while the launcher runs, for workers that had not yet installed their
+    # handler (it only sets a flag, so a repeat is harmless).
+    if [[ -n $repeater_pid ]]; then
+        kill "$repeater_pid" 2>/dev/null || true
+    fi
+    (
+        # Stopped with SIGTERM at the end, taking its sleep along: Slurm ends the step only once
+        # every process of the task has gone.
+        sleeper=""
+        trap - USR1
+        trap 'kill $sleeper 2>/dev/null; exit 0' TERM
+        while kill -0 "$launcher_pid" 2>/dev/null; do
+            sleep 2 &
+            sleeper=$!
+            wait "$sleeper"
+            relay "$1"
+        done
+    ) &
+    repeater_pid=$!
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
@@ -130,16 +150,13 @@ while :; do
     trapped=0
     rc=0
     wait "$launcher_pid" || rc=$?
-    if [[ $trapped == 0 ]]; then
-        break
-    fi
-    # After a stop signal: repeat it every 2 s (to workers that started late) until torchrun ends.
-    while kill -0 "$launcher_pid" 2>/dev/null; do
-        sleep 2 &
-        wait $! 2>/dev/null || true
-        relay
-    done
+    # A trapped signal interrupts `wait`; bash keeps the status of a child reaped meanwhile.
+    [[ $trapped == 1 ]] || break
 done
+if [[ -n $repeater_pid ]]; then
+    kill "$repeater_pid" 2>/dev/null || true
+fi
+ps -eo pid,pgid,sid,stat,etimes,cmd | awk -v g="$(ps -o pgid= $$ | tr -d ' ')" '$2==g' >&2
 if [[ -n $stop_signal || $rc -ne 0 ]]; then
     log "launcher exited with status $rc"
 fi

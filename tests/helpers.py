@@ -49,7 +49,11 @@ def env(**extra) -> dict:
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
               "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)})
     e.pop("CUDA_VISIBLE_DEVICES", None)
-    e.update({k: str(v) for k, v in extra.items()})
+    for k, v in extra.items():  # None: unset
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = str(v)
     return e
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dtrain.report import Reporters
+from dtrain.report.wandb import resolve_mode as resolve_wandb_mode
 
 
 def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bool) -> Reporters:
@@ -14,7 +15,11 @@ def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bo
         return Reporters()
     from dtrain.report.console import ConsoleReporter
     from dtrain.report.metrics import MetricsFile
-    members = [ConsoleReporter(), MetricsFile(output_dir, resumed_epoch)]
+    console = ConsoleReporter()
+    members = [console, MetricsFile(output_dir, resumed_epoch)]
+    if cfg.wandb and resolve_wandb_mode(cfg) != "disabled":
+        from dtrain.report.wandb import WandbReporter
+        members.append(WandbReporter(cfg, output_dir, console.message))
     if getattr(cfg, "tensorboard", False):
         from dtrain.report.tensorboard import TensorBoardReporter
         members.append(TensorBoardReporter(output_dir, resumed=resumed_epoch is not None))

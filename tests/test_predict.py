@@ -1,0 +1,209 @@
+"""dtrain/predict.py end to end: Kaggle submissions on 1 and 3 processes, the packed cache, bad inputs,
+labelled data, single images, and a trained-then-predicted run on real CIFAR-10 images."""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_kaggle import CLASSES, image, write_kaggle, write_test
+
+REPO = Path(__file__).resolve().parents[1]
+PREDICT, MAIN = str(REPO / "dtrain" / "predict.py"), str(REPO / "dtrain" / "main.py")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+N_TEST = 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, args: list, nproc: int = 1, check: bool = True, timeout: int = 300, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    args = [str(a) for a in args]
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), script, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd or REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n"
+                             f"--- stderr\n{r.stderr[-4000:]}")
+    return r
+
+
+def predict(args: list, nproc: int = 1, **kw):
+    return launch(PREDICT, args, nproc, **kw)
+
+
+def rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def kdir(tmp_path_factory) -> Path:
+    """A Kaggle folder: 300 train images, 1,000 test images, sampleSubmission.csv (written as Kaggle's)."""
+    return write_kaggle(tmp_path_factory.mktemp("kaggle") / "cifar-10", n_train=300, n_test=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(kdir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    launch(MAIN, ["--arch", "cnn", "--dataset", "kaggle", "--data-dir", kdir, "--val-split", 100, "--max-steps", 2,
+                  "--batch-size", 32, "--output-dir", out, "--no-wandb", "--no-plots", "--workers", 0])
+    return out / "last.pt"
+
+
+def test_one_and_three_processes_write_identical_csvs(kdir, checkpoint, tmp_path):
+    r = predict(["--checkpoint", checkpoint, "--data-dir", kdir, "--prepare", "--cache-dir", tmp_path / "c"])
+    assert "prepared 1,000 images" in r.stdout and not list(tmp_path.glob("*.csv"))
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+    common = ["--checkpoint", checkpoint, "--data-dir", kdir, "--cache-dir", tmp_path / "c", "--batch-size", 96]
+    r1 = predict([*common, "--output", tmp_path / "one.csv"])
+    assert "from cache" in r1.stdout
+    r3 = predict([*common, "--output", tmp_path / "three.csv", "--no-cache", "--workers", 1], nproc=3)
+    assert "from PNG files" in r3.stdout and "3 process(es)" in r3.stdout
+    predict([*common, "--output", tmp_path / "three_cached.csv"], nproc=3)
+    one = (tmp_path / "one.csv").read_bytes()
+    assert (tmp_path / "three.csv").read_bytes() == one
+    assert (tmp_path / "three_cached.csv").read_bytes() == one
+    table = rows(tmp_path / "one.csv")
+    assert table[0] == ["id", "label"]
+    assert [int(i) for i, _ in table[1:]] == list(range(1, N_TEST + 1))   # every id once, numeric order
+    assert {label for _, label in table[1:]} <= set(CLASSES)
+
+
+def test_numeric_order_junk_and_the_sample_submission_format(kdir, checkpoint, tmp_path):
+    root = tmp_path / "k12"
+    write_test(root / "test", range(1, 13))
+    for junk in (".DS_Store", "notes.txt"):
+        (root / "test" / junk).write_text("not an image")
+    sample = "".join(f"{i},cat\r\n" for i in range(1, 13))
+    (root / "sampleSubmission.csv").write_bytes(("id,label\r\n" + sample).encode())   # what export.py writes
+    predict(["--checkpoint", checkpoint, "--data-dir", root, "--output", tmp_path / "sub.csv"])
+    text = (tmp_path / "sub.csv").read_bytes().decode()
+    lines = text.split("\r\n")
+    assert lines[0] == "id,label" and lines[-1] == "" and len(lines) == 14
+    assert [line.split(",")[0] for line in lines[1:-1]] == [str(i) for i in range(1, 13)]   # not 1, 10, 11, 12, 2
+    assert all(len(line.split(",")) == 2 and line.split(",")[1] in CLASSES for line in lines[1:-1])
+    # the same layout as the sample, byte for byte, once the labels are set to the sample's
+    assert "".join(f"{line.split(',')[0]},cat\r\n" for line in lines[1:-1]) == sample
+    # without a sampleSubmission.csv beside the data: plain \n line ends
+    (root / "sampleSubmission.csv").unlink()
+    predict(["--checkpoint", checkpoint, "--data-dir", root, "--output", tmp_path / "sub2.csv", "--no-cache"])
+    assert (tmp_path / "sub2.csv").read_bytes().decode() == text.replace("\r\n", "\n")
+
+
+def test_kaggle_sample_submission_matches(kdir, checkpoint, tmp_path):
+    """Against the generated folder's sampleSubmission.csv (written with Python's csv module, as Kaggle's)."""
+    predict(["--checkpoint", checkpoint, "--data-dir", kdir, "--output", tmp_path / "s.csv",
+             "--cache-dir", tmp_path / "c"])
+    ours, sample = rows(tmp_path / "s.csv"), rows(kdir / "sampleSubmission.csv")
+    assert ours[0] == sample[0] and [r[0] for r in ours] == [r[0] for r in sample]
+    with open(kdir / "sampleSubmission.csv", "rb") as f:
+        ending = f.readline()[-2:]
+    with open(tmp_path / "s.csv", "rb") as f:
+        assert f.readline()[-2:] == ending
+
+
+def test_corrupt_png_fails_naming_it_and_leaves_no_csv(checkpoint, tmp_path):
+    root = tmp_path / "k"
+    write_test(root / "test", range(1, 31))
+    good = (root / "test" / "5.png").read_bytes()
+    (root / "test" / "5.png").write_bytes(good[: len(good) // 2])       # truncated
+    (root / "test" / "23.png").write_text("this is not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub.csv").write_text("previous submission\n")
+    r = predict(["--checkpoint", checkpoint, "--data-dir", root, "--output", out / "sub.csv"], check=False)
+    assert r.returncode != 0
+    assert "5.png" in r.stderr and "23.png" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "sub.csv").read_text() == "previous submission\n"           # not clobbered
+    assert [p.name for p in out.iterdir()] == ["sub.csv"]                      # no temp file left
+    assert not list((root / ".dtrain-cache").glob("*.npy"))
+    # decoded in the workers of 3 processes: the process that meets it stops, none hangs, the run fails
+    (out / "sub.csv").unlink()
+    r = predict(["--checkpoint", checkpoint, "--data-dir", root, "--output", out / "sub.csv", "--no-cache",
+                 "--workers", 1, "--batch-size", 6], nproc=3, check=False, timeout=240)
+    assert r.returncode != 0 and ("5.png" in r.stderr or "23.png" in r.stderr), r.stderr[-3000:]
+    assert not list(out.iterdir())
+
+
+def test_labelled_cifar10_split_prints_accuracy_and_writes_predictions(checkpoint, tmp_path):
+    rng = np.random.default_rng(3)
+    d = tmp_path / "cifar" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    y = rng.integers(0, 10, 40)
+    x = np.stack([image(v, rng) for v in y]).transpose(0, 3, 1, 2).reshape(40, -1)
+    for name, idx in (("data_batch_1", slice(0, 20)), ("test_batch", slice(20, 40))):
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": x[idx], "labels": y[idx].tolist()}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    r = predict(["--checkpoint", checkpoint, "--dataset", "cifar10", "--data-dir", tmp_path / "cifar", "--split",
+                 "test", "--output", tmp_path / "pred.csv"])
+    assert "accuracy" in r.stdout and "airplane" in r.stdout
+    table = rows(tmp_path / "pred.csv")
+    assert table[0] == ["id", "label", "true_label"] and len(table) == 21
+    assert [t for _, _, t in table[1:]] == [CLASSES[v] for v in y[20:]]
+    correct = sum(p == t for _, p, t in table[1:])
+    assert f"({correct:,} of 20)" in r.stdout
+
+
+def test_single_images_top5_grey_and_rgba(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(image(3, rng)).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(image(5, rng)).convert("RGBA").save(tmp_path / "rgba.png")
+    r = predict(["--checkpoint", checkpoint, "--image", tmp_path / "grey.png", tmp_path / "rgba.png"])
+    lines = r.stdout.splitlines()
+    for name in ("grey.png", "rgba.png"):
+        at = next(i for i, line in enumerate(lines) if line.endswith(name))
+        top = [line.split() for line in lines[at + 1: at + 6]]
+        assert all(len(t) == 2 and t[0].endswith("%") and t[1] in CLASSES for t in top)
+        probs = [float(t[0][:-1]) for t in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    r = predict(["--checkpoint", checkpoint, "--image", tmp_path / "bad.png"], check=False)
+    assert r.returncode != 0 and "bad.png" in r.stderr
+
+
+def test_bad_arguments(kdir, tmp_path):
+    r = predict(["--data-dir", kdir], check=False)
+    assert r.returncode == 2 and "--checkpoint is required" in r.stderr
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    r = predict(["--checkpoint", tmp_path / "x.pt", "--data-dir", kdir], check=False)
+    assert r.returncode == 2 and "x.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_trained_then_predicted_on_real_images_beats_chance(tmp_path):
+    if not (SHARED / "export.py").is_file():
+        pytest.skip(f"real data not found at {SHARED}")
+    root = tmp_path / "cifar-10"
+    subprocess.run([sys.executable, str(SHARED / "export.py"), "kaggle", str(root), "--train", "5000", "--test",
+                    "1000", "--total", "2000"], check=True, capture_output=True, timeout=300)
+    launch(MAIN, ["--arch", "cnn", "--dataset", "kaggle", "--data-dir", root, "--val-split", 500, "--epochs", 1,
+                  "--batch-size", 32, "--optimizer", "adam", "--lr", 0.003, "--weight-decay", 0,
+                  "--output-dir", tmp_path / "run", "--no-wandb", "--no-plots", "--workers", 0], timeout=900)
+    predict(["--checkpoint", tmp_path / "run" / "last.pt", "--data-dir", root, "--output", tmp_path / "sub.csv"],
+            nproc=2, timeout=300)
+    ours = dict(rows(tmp_path / "sub.csv")[1:])
+    answers = rows(tmp_path / "cifar-10_answers.csv")[1:]
+    assert len(ours) == 2000 and len(answers) == 1000
+    accuracy = sum(ours[i] == label for i, label in answers) / len(answers)
+    assert accuracy > 0.30, f"{accuracy:.1%} on the 1,000 real test images"
