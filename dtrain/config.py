@@ -24,6 +24,8 @@ ARCH_DEFAULT_RECIPE = {
     "googlenet": "seed-googlenet",
     "airbench": "airbench",
     "mnist-cnn-deep": "seed-mnist-cnn-deep",
+    "mnist-cnn": "mnist-cnn",
+    "mnist-resnet": "mnist-resnet",
 }
 
 
@@ -114,6 +116,8 @@ class Config:
     # output
     output_dir: str | None = _f(None, "output folder (default runs/<arch>-<time>, or runs/<job>-<id> under Slurm)")
     resume: str | None = _f(None, "'auto': continue from last.pt in the output dir if there is one; or a path")
+    save_every: int = _f(1, "write last.pt every N epochs (always at the end, when val_acc improves, and on a "
+                         "stop signal); fast recipes save less often, a checkpoint costs time")
     log_every: int = _f(20, "console/W&B/TensorBoard step logging interval")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     plots: bool = _f(True, "draw curves and the confusion matrix to <output-dir>/run.png")
@@ -253,6 +257,8 @@ def validate(cfg: Config) -> None:
         raise UserError("--tta-shift N needs --tta and N >= 0")
     if not 0.0 < cfg.onecycle_peak < 1.0:
         raise UserError("--onecycle-peak must be between 0 and 1 (exclusive), e.g. 0.25")
+    if cfg.save_every < 1:
+        raise UserError("--save-every must be at least 1")
     if cfg.bias_lr_scale <= 0:
         raise UserError("--bias-lr-scale must be positive")
 

@@ -305,5 +305,6 @@ class Trainer:
             s.epoch_sums, s.epoch_seconds = [0.0, 0.0, 0.0], 0.0
         else:  # stopped mid-epoch by --max-steps: a resumed run completes this epoch's figures
             s.epoch_sums = total
-        self.save(best=best)
+        if best or last or not finished or (epoch + 1) % getattr(cfg, "save_every", 1) == 0:
+            self.save(best=best)
         return ev

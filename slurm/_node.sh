@@ -133,7 +133,7 @@ on_signal() {
         # every process of the task has gone.
         sleeper=""
         trap - USR1
-        trap 'kill $sleeper 2>/dev/null; exit 0' TERM
+        trap 'kill $sleeper 2>/dev/null; wait; exit 0' TERM
         while kill -0 "$launcher_pid" 2>/dev/null; do
             sleep 2 &
             sleeper=$!
@@ -156,7 +156,6 @@ done
 if [[ -n $repeater_pid ]]; then
     kill "$repeater_pid" 2>/dev/null || true
 fi
-ps -eo pid,pgid,sid,stat,etimes,cmd | awk -v g="$(ps -o pgid= $$ | tr -d ' ')" '$2==g' >&2
 if [[ -n $stop_signal || $rc -ne 0 ]]; then
     log "launcher exited with status $rc"
 fi

@@ -64,6 +64,25 @@ def test_one_and_two_processes_end_with_the_same_weights(cifar_dir, tmp_path):
     assert m1[-1]["val_acc"] == pytest.approx(m2[-1]["val_acc"])
 
 
+def test_gradient_accumulation_equals_the_full_batch(cifar_dir, tmp_path):
+    """--grad-accum 2 on 2 processes (10 images per micro-batch) trains like 1 process with batch 40."""
+    args = tiny(cifar_dir, "--norm", "group", "--no-augment", "--epochs", "1", "--lr", "0.05")
+    train(args + ["--output-dir", str(tmp_path / "full")])
+    r = train(args + ["--output-dir", str(tmp_path / "accum"), "--grad-accum", "2"], nproc=2)
+    assert "10 per process x 2 accumulation" in r.stdout
+    assert_same_weights(weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "accum" / "last.pt"), atol=1e-5)
+    assert metrics(tmp_path / "accum")[-1]["step"] == 5
+
+
+def test_googlenet_trains_with_auxiliary_classifiers(tmp_path):
+    out = tmp_path / "g"
+    train(["--arch", "googlenet", "--aux-logits", "--dataset", "fake", "--fake-size", "8", "--batch-size", "4",
+           "--eval-batch-size", "4", "--max-steps", "2", "--output-dir", str(out)])
+    ck = load_checkpoint(out / "last.pt")
+    assert ck["arch_args"]["aux_logits"] is True and any(k.startswith("aux1") for k in ck["model"])
+    assert metrics(out)[-1]["step"] == 2
+
+
 @pytest.mark.parametrize("nproc", [1, 2, 3])
 def test_evaluation_counts_every_image_once(tmp_path, nproc):
     """1,001 validation images on 1, 2 and 3 processes: each counted once, the same accuracy.

@@ -98,7 +98,10 @@ def test_compile_trains_without_recompiling(tmp_path):
     r = train(["--arch", "cnn", *FAKE, "--fake-size", "100", "-b", "32", "--eval-batch-size", "16", "--epochs", "2",
                "--compile", "--output-dir", str(out)], timeout=900, extra_env={"TORCH_LOGS": "recompiles"})
     log = r.stdout + r.stderr
-    assert "Recompiling" not in log, log[-3000:]
+    # two graphs: evaluation (compiled in the warm-up) and training, which dynamo logs as one recompile
+    # triggered by the grad mode; none for the short batches (size/stride guards)
+    assert log.count("Recompiling function") <= 1, log[-3000:]
+    assert "mismatch" not in log, log[-3000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [4, 8] and rows[-1]["val_acc"] is not None
     assert rows[0]["warmup_seconds"] > 0
@@ -243,7 +246,8 @@ def test_predict_runs_the_short_batch_eagerly():
     data = fake.make(50, 10, 8, 3, seed=1)
     loader = MemoryLoader(data, "cpu", 16, 0, 1, train=False)
     from dtrain.data.augment import AugmentSpec, Pipeline
-    acc = types.SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False), num_processes=1)
+    acc = types.SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False), num_processes=1,
+                                device=torch.device("cpu"))
     index, logits = predict(wrapper, loader, Pipeline(AugmentSpec(), (0.5,) * 3, (0.25,) * 3, "cpu"), acc,
                             tta=True, tta_shift=1)
     assert index.tolist() == list(range(50)) and logits.shape == (50, 10)

@@ -21,17 +21,14 @@ from cluster.slurm_cluster import NODES
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Tiny but not instant: 2 processes x 8 images per step, 80 steps per epoch, 2 epochs.
-FAKE_SIZE, BATCH, EPOCHS = 1280, 16, 2
+# Tiny but not instant: 2 processes x 8 images per step, 40 steps per epoch, 2 epochs.
+FAKE_SIZE, BATCH, EPOCHS = 640, 16, 2
 STEPS_PER_EPOCH = FAKE_SIZE // BATCH
 TRAIN_ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", str(FAKE_SIZE), "--batch-size", str(BATCH),
               "--epochs", str(EPOCHS), "--seed", "0", "--no-wandb"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
 STOP_LINE = re.compile(r"stopped by signal (\d+) at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
-
-pytestmark = pytest.mark.slurm
-
 
 def job_env(cluster) -> dict:
     # sbatch exports the submitting environment to the job: one thread per process on 2 cores.
@@ -87,6 +84,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slurm
 def test_two_nodes_answer_srun(slurm_cluster):
     r = slurm_cluster.run(["srun", "-N2", "hostname"], timeout=60)
     assert r.returncode == 0, r.stderr + slurm_cluster.logs()
@@ -127,6 +125,7 @@ def ddp_job(slurm_cluster, tmp_path_factory):
         waiter.wait()
 
 
+@pytest.mark.slurm
 def test_sbatch_two_nodes_is_one_ddp_job(ddp_job, slurm_cluster):
     job_id, state, log = ddp_job["job_id"], ddp_job["state"], ddp_job["log"]
     text = read(log)
@@ -149,6 +148,7 @@ def test_sbatch_two_nodes_is_one_ddp_job(ddp_job, slurm_cluster):
     assert "--resume auto" in text and "(restart 0)" in text and "requeue" not in text
 
 
+@pytest.mark.slurm
 def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, tmp_path):
     cluster = slurm_cluster
     log, out = tmp_path / "job.log", tmp_path / "run"
@@ -180,6 +180,7 @@ def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, tmp_path):
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in baseline]
 
 
+@pytest.mark.slurm
 def test_sbatch_wait_exits_0(ddp_job):
     """`sbatch --wait` (the ddp job's submitter) returns the job's exit status: 0."""
     waiter = ddp_job["waiter"]
@@ -195,7 +196,7 @@ def test_sigterm_plain_run_saves_and_stops(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    args = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "2560", "--batch-size", "16", "--epochs", "1",
+    args = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "1280", "--batch-size", "16", "--epochs", "1",
             "--seed", "0", "--no-wandb", "--output-dir", str(out)]
     proc = subprocess.Popen([sys.executable, "dtrain/main.py", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -233,4 +234,4 @@ def test_sigterm_plain_run_saves_and_stops(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"step {step}" in r.stdout
     rows = metrics(out)
-    assert [(x["epoch"], x["step"], x["train_samples"]) for x in rows] == [(1, nb, 2560)]
+    assert [(x["epoch"], x["step"], x["train_samples"]) for x in rows] == [(1, nb, 1280)]

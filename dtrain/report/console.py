@@ -38,6 +38,9 @@ class ConsoleReporter:
         self.console.print(f"output: {info['output_dir']}")
 
     def begin_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        self.epoch_label, self.total, self.next_line = f"epoch {epoch}/{epochs}", total, done + total / 10
+        if not self.console.is_terminal:  # a log file: plain lines, about every 10% of the epoch
+            return
         self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=self.console, transient=True)
@@ -45,9 +48,12 @@ class ConsoleReporter:
         self.task = self.progress.add_task("train", total=total, completed=done, stats="")
 
     def step(self, step: int, metrics: dict) -> None:
+        stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:,.0f} img/s"
         if self.progress is not None:
-            self.progress.update(self.task, completed=metrics["batch"], stats=(
-                f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:,.0f} img/s"))
+            self.progress.update(self.task, completed=metrics["batch"], stats=stats)
+        elif metrics["batch"] >= self.next_line and metrics["batch"] < self.total:
+            self.console.print(f"{self.epoch_label} batch {metrics['batch']}/{self.total} step {step}  {stats}")
+            self.next_line = metrics["batch"] + self.total / 10
 
     def end_epoch(self) -> None:
         if self.progress is not None:

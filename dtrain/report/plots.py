@@ -134,6 +134,7 @@ def render(rows: list[dict], confusion, classes: list[str], title: str = "", epo
     if x:
         ax_lr.plot(x, y, color="tab:green", **style)
     ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
     ax_lr.set_xlabel("epoch")
     ax_lr.grid(alpha=0.3)
     for ax in (ax_loss, ax_acc, ax_lr):
@@ -165,7 +166,9 @@ def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:
     names = classes if len(classes) == k else [str(i) for i in range(k)]
     totals = cm.sum(1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
-    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    from matplotlib.colors import PowerNorm
+    # a square-root colour scale, so that a few percent of confusion stands out next to the diagonal
+    im = ax.imshow(share, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     cb.set_label("share of the true class", fontsize=9)
     acc = np.trace(cm) / max(cm.sum(), 1)
@@ -185,4 +188,4 @@ def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:
             for j in range(k):
                 if cm[i, j]:
                     ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=fs,
-                            color="white" if share[i, j] > 0.5 else "black")
+                            color="white" if share[i, j] > 0.4 else "black")

@@ -1,0 +1,146 @@
+"""launch/ (torchrun.sh, accelerate configs) and the shell scripts' hygiene; no Slurm needed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*(REPO / "slurm").glob("*.sh"), *(REPO / "launch").rglob("*.sh"),
+                  REPO / "tests" / "cluster" / "install.sh"])
+CONFIGS = REPO / "launch" / "accelerate"
+TINY = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "1",
+        "--no-wandb"]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GPUS_PER_NODE", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **extra)
+    return env
+
+
+def executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_shellcheck_passes_on_every_script():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("shellcheck is missing on CI: bash tests/cluster/install.sh installs it")
+        pytest.skip("shellcheck not installed (bash tests/cluster/install.sh installs it)")
+    assert len(SCRIPTS) >= 6, SCRIPTS
+    r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_scripts_are_executable_bash():
+    for path in SCRIPTS:
+        if path.name.startswith("_launch"):  # sourced, not run
+            continue
+        assert path.read_text().startswith("#!/usr/bin/env bash\n"), path
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+
+
+def test_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    expected = {"single_gpu": (DistributedType.NO, 1, False, 1), "multi_gpu": (DistributedType.MULTI_GPU, 8, False, 1),
+                "multi_node": (DistributedType.MULTI_GPU, 16, False, 2), "cpu": (DistributedType.MULTI_GPU, 2, True, 1)}
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(expected)
+    for name, (kind, procs, cpu, machines) in expected.items():
+        cfg = load_config_from_file(str(CONFIGS / f"{name}.yaml"))  # rejects unknown keys and bad values
+        assert (cfg.distributed_type, cfg.num_processes, cfg.use_cpu, cfg.num_machines) == (kind, procs, cpu, machines)
+    node = load_config_from_file(str(CONFIGS / "multi_node.yaml"))
+    assert node.main_process_ip and node.main_process_port and node.machine_rank == 0
+
+
+def run_training(cmd: list[str], out: Path, env: dict, timeout: float = 240) -> str:
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text
+    assert (out / "last.pt").is_file() and (out / "metrics.jsonl").is_file(), text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1, rows  # one writer
+    return text
+
+
+def test_torchrun_sh_one_process_per_gpu_nvidia_smi_reports(tmp_path):
+    """launch/torchrun.sh asks nvidia-smi for the GPU count; on this CPU machine a stub reports 2,
+    so torchrun starts 2 (CPU, gloo) processes: one DDP run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "nvidia-smi", "#!/bin/sh\necho 'GPU 0: Stub (UUID: GPU-0)'\necho 'GPU 1: Stub (UUID: GPU-1)'\n")
+    out = tmp_path / "run"
+    env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="")
+    text = run_training(["bash", "launch/torchrun.sh", *TINY, "--output-dir", str(out)], out, env)
+    assert "world size 2" in text, text
+
+
+def no_gpu_path(tmp_path) -> str:
+    """PATH with an nvidia-smi that finds no GPU (as on a machine without the driver loaded)."""
+    bin_dir = tmp_path / "nogpu"
+    bin_dir.mkdir(exist_ok=True)
+    executable(bin_dir / "nvidia-smi", "#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    return f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
+
+
+def test_torchrun_sh_without_gpus_is_one_cpu_process(tmp_path):
+    fake = executable(tmp_path / "python", '#!/bin/sh\necho "OMP=$OMP_NUM_THREADS ARGS=$*"\n')
+    env = clean_env(PATH=no_gpu_path(tmp_path), DTRAIN_PYTHON=str(fake))
+    env.pop("OMP_NUM_THREADS")
+    r = subprocess.run(["bash", "launch/torchrun.sh", "--arch", "cnn"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "--standalone" in r.stdout and "--nproc-per-node=1 " in r.stdout, r.stdout
+    assert r.stdout.rstrip().endswith("dtrain/main.py --arch cnn"), r.stdout
+    assert "no GPU found" in r.stderr
+    assert f"OMP={len(os.sched_getaffinity(0))} " in r.stdout, r.stdout     # all CPUs to the one process
+
+
+def test_accelerate_cpu_config_runs_two_processes(tmp_path):
+    out = tmp_path / "run"
+    text = run_training(["accelerate", "launch", "--config_file", str(CONFIGS / "cpu.yaml"), "dtrain/main.py", *TINY,
+                         "--output-dir", str(out)], out, clean_env(CUDA_VISIBLE_DEVICES=""))
+    assert "world size 2" in text, text
+
+
+# slurm/_node.sh, the per-node launcher, driven with a stand-in python that prints what it was asked to run.
+def node_sh(tmp_path, **env) -> subprocess.CompletedProcess:
+    fake = executable(tmp_path / "python", '#!/bin/sh\necho "OMP=$OMP_NUM_THREADS ARGS=$*"\n')
+    base = {"PATH": no_gpu_path(tmp_path), "DTRAIN_PYTHON": str(fake), "SLURM_JOB_ID": "4242", "MASTER_ADDR": "gpu01",
+            "MASTER_PORT": "24242", "DTRAIN_FIRST_HOST": "gpu01"}
+    return subprocess.run(["bash", "slurm/_node.sh", "dtrain/main.py", "--arch", "cnn"], cwd=REPO,
+                          env={**base, **env}, capture_output=True, text=True, timeout=30)
+
+
+def test_node_sh_one_process_per_slurm_gpu_with_rendezvous(tmp_path):
+    r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="4", SLURMD_NODENAME="gpu01", SLURM_GPUS_ON_NODE="4",
+                SLURM_CPUS_PER_TASK="32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = r.stdout.split("ARGS=")[1].split()
+    assert "OMP=8 " in r.stdout                          # 32 CPUs / 4 processes
+    for a in ("--nnodes=4", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu01:24242",
+              "--rdzv-id=4242", "--rdzv-conf=is_host=1", "--max-restarts=0"):
+        assert a in args, args
+    assert args[-3:] == ["dtrain/main.py", "--arch", "cnn"]
+    other = node_sh(tmp_path, SLURM_JOB_NUM_NODES="4", SLURMD_NODENAME="gpu02", SLURM_GPUS_ON_NODE="4")
+    assert "--rdzv-conf=is_host=0" in other.stdout
+
+
+def test_node_sh_single_node_cpu_and_overrides(tmp_path):
+    r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="8")
+    assert r.returncode == 0, r.stderr
+    assert "--standalone" in r.stdout and "--nproc-per-node=1 " in r.stdout and "OMP=8 " in r.stdout
+    assert "no GPU visible" in r.stdout
+    r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="3", OMP_NUM_THREADS="5")
+    assert "--nproc-per-node=3 " in r.stdout and "OMP=5 " in r.stdout
+    r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="zero")
+    assert r.returncode == 2 and "GPUS_PER_NODE" in r.stderr
