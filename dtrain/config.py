@@ -266,3 +266,22 @@ def validate(cfg: Config) -> None:
 def config_from_dict(d: dict) -> Config:
     """The Config saved with a run (config.json or a checkpoint); unknown keys from newer versions dropped."""
     return Config(**{k: v for k, v in d.items() if k in FIELDS})
+
+
+def flags_markdown() -> str:
+    """The table of flags in README.md (`python -m dtrain.config` prints it; a test keeps them equal)."""
+    rows = ["| flag | default | what |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(Config):
+        tp, _ = _base_type(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            flag = f"{flag} / --no-{f.name.replace('_', '-')}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        what = f.metadata["help"] + (" (" + " \\| ".join(choices) + ")" if choices else "")
+        rows.append(f"| `{flag}` | `{default}` | {what} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(flags_markdown())
