@@ -319,9 +319,6 @@ def time_to_accuracy(args, data, arch: str, recipe: str | None) -> dict:
 DRIVER = r"""
 import contextlib, io, json, sys, torch
 import airbench
-def last_row(text):
-    rows = [[c.strip() for c in line.strip().strip('|').split('|')] for line in text.splitlines() if line.startswith('|')]
-    return rows[-1]
 with contextlib.redirect_stdout(io.StringIO()):
     airbench.warmup94()
 for seed in map(int, sys.argv[1:]):
@@ -329,10 +326,20 @@ for seed in map(int, sys.argv[1:]):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         airbench.train94(run=seed)
-    row = last_row(buf.getvalue())  # run, epoch ('eval'), train_loss, train_acc, val_acc, tta_val_acc, total_time_seconds
-    print(json.dumps({"seed": seed, "val_acc": float(row[5]), "train_seconds": float(row[6]),
-                      "untta_val_acc": float(row[4]) if row[4] else None}), flush=True)
+    print(json.dumps({"seed": seed, "stdout": buf.getvalue()}), flush=True)
 """
+
+
+def parse_train94(text: str) -> dict:
+    """The final row of train94's printed table: | run | epoch ('eval') | train_loss | train_acc | val_acc |
+    tta_val_acc | total_time_seconds |."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
+    final = [r for r in rows if len(r) == 7 and r[1] == "eval"]
+    if not final:
+        raise ValueError(f"no final 'eval' row in train94's output:\n{text[-1500:]}")
+    r = final[-1]
+    return {"val_acc": float(r[5]), "train_seconds": float(r[6]), "untta_val_acc": float(r[4]) if r[4] else None}
 
 
 def airbench_import_path(src: str | None, out: Path) -> tuple[str | None, str | None]:
@@ -381,7 +388,8 @@ def section_airbench_pkg(args, data, device) -> dict:
                        cwd=data["airbench_dir"], timeout=args.timeout)
     if r.returncode != 0:
         return {"skipped": f"train94 failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:] }"}
-    runs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    runs = [{"seed": j["seed"], **parse_train94(j["stdout"])}
+            for j in map(json.loads, (line for line in r.stdout.splitlines() if line.startswith("{")))]
     return {"runs": runs, "version": "0.1.8" if "0.1.8" in str(args.airbench_src) else "installed"}
 
 

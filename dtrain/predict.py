@@ -117,21 +117,30 @@ class _Progress:
 
 class _Tracked:
     """A loader whose batches advance a progress bar, and which ends its shard early (keeping the error)
-    instead of raising, so that every process still reaches the gather and none waits forever."""
+    instead of raising, so that every process still reaches the gather and none waits forever.
 
-    def __init__(self, loader, progress: _Progress | None, world: int):
+    A process whose shard is empty (fewer images than processes, or an error at once) yields one empty
+    batch, so that its logits have the model's number of columns like everyone else's for the gather."""
+
+    def __init__(self, loader, progress: _Progress | None, world: int, shape: tuple[int, int, int], device):
         self.loader, self.progress, self.world = loader, progress, world
+        self.shape, self.device = shape, device
         self.error: str | None = None
 
     def batches(self, *a):
         from dtrain.errors import UserError
+        yielded = False
         try:
             for x, y, idx in self.loader.batches(*a):
+                yielded = True
                 yield x, y, idx
                 if self.progress is not None:
                     self.progress.advance(len(idx) * self.world)
         except UserError as e:
             self.error = str(e)
+        if not yielded:
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            yield torch.zeros((0, *self.shape), dtype=torch.uint8, device=self.device), empty, empty
 
 
 # ---- the data -----------------------------------------------------------------------------------------
@@ -175,7 +184,7 @@ def load_images(args, acc, console: Console, ckpt: dict | None, size: int, chann
 
 def attach_cache(args, acc, console: Console, imageset, workers: int):
     """Decoded images for a file-backed set: the main process builds the cache (if needed), every process
-    memory-maps it. Returns False when no cache can be used (then images are decoded as they are read)."""
+    memory-maps it. Returns (path, built?), or None when no cache can be used (then images are decoded as they are read)."""
     from dtrain.data import cache
     from dtrain.distributed import run_on_main
     root = Path(imageset.meta.get("root") or args.data_dir)
@@ -370,7 +379,8 @@ def run(argv=None) -> dict | None:
                   f"{device}), batch {args.batch_size}, precision {acc.mixed_precision}"
                   + (", TTA (mirror)" if args.tta else ""))
     with console.progress("predicting", len(imageset)) as bar:
-        tracked = _Tracked(loader, bar if acc.is_main_process else None, world)
+        tracked = _Tracked(loader, bar if acc.is_main_process else None, world,
+                           (channels, imageset.size, imageset.size), device)
         t_pred = time.perf_counter()
         index, logits = predict(model, tracked, pipeline, acc, tta=args.tta)
         seconds = time.perf_counter() - t_pred

@@ -44,15 +44,20 @@ dtrain_job_key() {
     fi
 }
 
-# Called by the traps: remember the signal and pass it on to the tasks (srun forwards the
-# signals it receives to the tasks it controls: slurm/_node.sh on every node).
+# Called by the traps: remember the signal and pass it on to the tasks (slurm/_node.sh on every
+# node) through srun, which forwards most signals it receives to its tasks. Not SIGTERM: srun
+# answers that by killing the step. So SIGTERM goes on as SIGUSR2, which slurm/_node.sh turns
+# back into SIGTERM for the training processes.
 _dtrain_on_signal() {
-    local sig=$1
+    local sig=$1 fwd=$1
     _DTRAIN_TRAPPED=1
     _DTRAIN_SIGNALS="$_DTRAIN_SIGNALS $sig"
     _dtrain_log "batch shell got SIG$sig: telling the training processes to save and stop"
+    if [[ $sig == TERM ]]; then
+        fwd=USR2
+    fi
     if [[ -n ${_DTRAIN_SRUN_PID:-} ]]; then
-        kill -s "$sig" "$_DTRAIN_SRUN_PID" 2>/dev/null || true
+        kill -s "$fwd" "$_DTRAIN_SRUN_PID" 2>/dev/null || true
     fi
 }
 
@@ -108,8 +113,10 @@ dtrain_launch() {
 
     _DTRAIN_SIGNALS=""
     _DTRAIN_SRUN_PID=""
-    trap '_dtrain_on_signal USR1' USR1
-    trap '_dtrain_on_signal TERM' TERM
+    if [[ $mode == train ]]; then   # dtrain/main.py saves and stops on USR1/TERM; predict just ends
+        trap '_dtrain_on_signal USR1' USR1
+        trap '_dtrain_on_signal TERM' TERM
+    fi
     # In the background: bash runs a trap only between commands, so it must be in `wait`.
     srun "${srun_args[@]}" bash "$root/slurm/_node.sh" "$entry" "${args[@]}" &
     _DTRAIN_SRUN_PID=$!

@@ -3,10 +3,11 @@
 # Per-node launcher, started once per node by slurm/_launch.sh through srun (not for direct use):
 #   bash slurm/_node.sh ENTRY ARGS...
 # Runs torchrun with GPUS_PER_NODE processes on this node (c10d rendezvous across the nodes of
-# the job) and relays SIGUSR1/SIGTERM to the worker processes: torchrun's agent does not forward
-# SIGUSR1 (it would die of it), so it is started with SIGUSR1 ignored and this script signals its
-# children, the training processes, directly. The workers set a flag, save at the next step
-# boundary and exit 0, so torchrun and this script exit 0 too.
+# the job) and relays SIGUSR1 and SIGTERM (SIGUSR2 stands for a SIGTERM the batch shell got) to
+# the worker processes: torchrun's agent does not forward SIGUSR1 (it would die of it), so it is
+# started with SIGUSR1/SIGUSR2 ignored and this script signals its children, the training
+# processes, directly. They set a flag, save at the next step boundary and exit 0, so torchrun
+# and this script exit 0 too.
 set -uo pipefail
 
 if [[ $# -lt 1 || -z ${SLURM_JOB_ID:-} ]]; then
@@ -80,17 +81,18 @@ fi
 
 log "$nproc process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS: ${launcher[*]} $entry ..."
 
-# The launcher and (by inheritance) its workers start with SIGUSR1 ignored: a USR1 delivered to
-# the whole step (Slurm signals every process of a task) must not kill torchrun, and one that
-# reaches a worker before it has installed its handler is dropped rather than fatal (the relay
-# below repeats it until the launcher has ended).
-trap '' USR1
+# The launcher and (by inheritance) its workers start with SIGUSR1/SIGUSR2 ignored: a signal
+# Slurm delivers to the whole step (it signals every process of a task) must not kill torchrun,
+# nor a worker that has not installed its handler yet. The relay below signals each worker once
+# its handler is in place.
+trap '' USR1 USR2
 "${launcher[@]}" "$entry" "$@" &
 launcher_pid=$!
 
 stop_signal=""
 trapped=0
 repeater_pid=""
+declare -A delivered=()
 
 # The launcher's children: the training processes.
 workers() {
@@ -109,11 +111,33 @@ workers() {
     done
 }
 
+# True if process $1 has a handler installed for signal number $2 (SigCgt in /proc/PID/status).
+catches() {
+    local mask
+    mask=$(awk '/^SigCgt:/ { print $2 }' "/proc/$1/status" 2>/dev/null)
+    [[ -n $mask ]] && (((16#$mask >> ($2 - 1)) & 1))
+}
+
+# Send signal $1 to each training process once, and only once it has its handler: before that
+# (still importing torch) SIGTERM would kill it, and after training has ended the handler is gone.
+# Returns 1 while some worker is still waiting for it (or none has started yet).
 relay() {
-    local pid
-    for pid in $(workers); do
-        kill -s "$1" "$pid" 2>/dev/null || true
+    local sig=$1 num pid pids pending=0
+    num=$(kill -l "$sig")
+    pids=$(workers)
+    if [[ -z $pids ]]; then
+        return 1                    # not started yet (rendezvous)
+    fi
+    for pid in $pids; do
+        [[ -z ${delivered[$pid]:-} ]] || continue
+        if catches "$pid" "$num"; then
+            kill -s "$sig" "$pid" 2>/dev/null || true
+            delivered[$pid]=1
+        else
+            pending=1
+        fi
     done
+    return "$pending"
 }
 
 on_signal() {
@@ -122,9 +146,10 @@ on_signal() {
         log "got SIG$1: relaying it to the training processes"
     fi
     stop_signal=$1
-    relay "$1"
-    # Repeat it every 2 s while the launcher runs, for workers that had not yet installed their
-    # handler (it only sets a flag, so a repeat is harmless).
+    if relay "$1"; then
+        return
+    fi
+    # Some worker has no handler yet: try again every 0.5 s while the launcher runs.
     if [[ -n $repeater_pid ]]; then
         kill "$repeater_pid" 2>/dev/null || true
     fi
@@ -132,19 +157,22 @@ on_signal() {
         # Stopped with SIGTERM at the end, taking its sleep along: Slurm ends the step only once
         # every process of the task has gone.
         sleeper=""
-        trap - USR1
+        trap - USR1 USR2
         trap 'kill $sleeper 2>/dev/null; wait; exit 0' TERM
         while kill -0 "$launcher_pid" 2>/dev/null; do
-            sleep 2 &
+            sleep 0.5 &
             sleeper=$!
             wait "$sleeper"
-            relay "$1"
+            if relay "$1"; then
+                break
+            fi
         done
     ) &
     repeater_pid=$!
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
+trap 'on_signal TERM' USR2      # SIGTERM to the batch shell, forwarded by srun (see _launch.sh)
 
 while :; do
     trapped=0

@@ -1,10 +1,10 @@
 """The fast path on the CPU: GPU-resident loader (sharding, resume), resumable augmentation, bf16 +
 channels_last, torch.compile, the airbench arch and recipe, weight averaging (EMA, lookahead), TTA, and
 the optimiser/DDP settings behind them."""
-import copy
 import shutil
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -279,3 +279,53 @@ def test_ddp_static_graph_never_with_gradient_accumulation():
     assert not ddp_kwargs(4, static_graph=True).static_graph
     k = ddp_kwargs()
     assert k.gradient_as_bucket_view and not k.find_unused_parameters and not k.static_graph
+
+
+# ---- bench/train.py: data converters and output parsing (the GPU rows themselves need an H100) ------------
+def _bench():
+    import importlib.util
+    from helpers import REPO
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_data_converters(tmp_path, shared_data):
+    bench = _bench()
+    x, y, classes = bench.decode_npz(shared_data / "cifar10_jpeg.npz", "test", 40, workers=1)
+    assert x.shape == (40, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64 and len(classes) == 10
+    bench.write_cifar_batches(tmp_path / "c", (x[:30], y[:30]), (x[30:], y[30:]), classes)
+    from dtrain.data.cifar import read
+    tr, te = read(tmp_path / "c")
+    assert torch.equal(tr.images, torch.from_numpy(x[:30])) and torch.equal(te.labels, torch.from_numpy(y[30:]))
+    bench.write_airbench_data(tmp_path / "a", (x[:30], y[:30]), (x[30:], y[30:]), classes)
+    d = torch.load(tmp_path / "a" / "cifar10" / "train.pt", weights_only=True)  # as airbench's CifarLoader
+    assert set(d) == {"images", "labels", "classes"} and d["images"].dtype == torch.uint8
+    assert d["images"].shape == (30, 32, 32, 3) and d["labels"].dtype == torch.int64 and d["classes"] == classes
+
+
+TRAIN94_OUTPUT = """\
+---------------------------------------------------------------------------------------------
+|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |
+---------------------------------------------------------------------------------------------
+|       0  |      0  |      0.0023  |     0.5010  |   0.4917  |               |              0.5112  |
+|          |      9  |      0.0011  |     0.9102  |   0.8953  |               |              2.4511  |
+|          |   eval  |      0.0011  |     0.9102  |   0.8953  |       0.9071  |              2.6204  |
+---------------------------------------------------------------------------------------------
+"""
+
+
+def test_bench_parses_train94_output_and_prints_table():
+    bench = _bench()
+    r = bench.parse_train94(TRAIN94_OUTPUT)
+    assert r == {"val_acc": 0.9071, "train_seconds": 2.6204, "untta_val_acc": 0.8953}
+    results = {"meta": {"device": "H100", "date": "today", "command": "x"},
+               "throughput": {"batch": 512, "ceiling": 54000.0, "fast": {"images_per_second": 50000.0},
+                              "seeds": 10800.0, "seeds_batch": 128, "seeds_workers": 8},
+               "airbench": {"arch": "airbench", "recipe": "airbench", "runs": [
+                   {"seed": 0, "val_acc": 0.91, "epochs": 10, "steps": 490, "train_seconds": 3.0,
+                    "warmup_seconds": 0.5, "startup_seconds": 9.0}]},
+               "airbench-pkg": {"runs": [{"seed": 0, **r}]}}
+    text = bench.table(results)
+    assert "0.93 x ceiling" in text and "4.6 x seeds" in text and "91.00% mean" in text and "1.14 x" in text

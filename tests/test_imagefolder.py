@@ -176,10 +176,10 @@ def test_load_dataset_dispatches_on_config(tmp_path):
 def test_64px_run_end_to_end_stores_the_computed_normalisation(tmp_path):
     root = write_folder(tmp_path / "data", sizes=((40, 52), (64, 64), (90, 70)))
     out = tmp_path / "run"
-    train(["--arch", "resnet18", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "64",
-           "--normalize", "auto", "--batch-size", "6", "--eval-batch-size", "8", "--epochs", "1", "--max-steps", "2",
-           "--vflip", "--output-dir", str(out)])
+    train(["--recipe", "seed-simpsons", "--data-dir", str(root), "--batch-size", "6", "--eval-batch-size", "8",
+           "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)])   # resnet18, 64 px, flips, auto
     ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["arch"] == "resnet18" and ckpt["config"]["vflip"] and ckpt["config"]["normalize"] == "auto"
     assert ckpt["image_size"] == 64 and ckpt["in_channels"] == 3 and ckpt["classes"] == ["apple", "mango", "zebra"]
     ref_mean, ref_std = numpy_stats(root, 64)
     assert np.allclose(ckpt["mean"], ref_mean, atol=1e-6) and np.allclose(ckpt["std"], ref_std, atol=1e-6)
@@ -194,3 +194,25 @@ def test_file_backed_run_end_to_end(tmp_path):
     assert ckpt["in_channels"] == 1 and ckpt["image_size"] == 30
     ref_mean, ref_std = numpy_stats(root, None, 1)
     assert np.allclose(ckpt["mean"], ref_mean, atol=1e-6) and np.allclose(ckpt["std"], ref_std, atol=1e-6)
+
+
+def test_seed_recipes_hold_the_seeds_settings():
+    c = build_config(["--recipe", "seed-simpsons"])
+    assert (c.arch, c.dataset, c.image_size, c.optimizer, c.lr, c.batch_size, c.epochs, c.weight_decay) == \
+        ("resnet18", "imagefolder", 64, "adam", 1e-3, 256, 120, 0.0)
+    assert c.hflip and c.vflip and c.crop_padding == 0 and c.scheduler == "none"
+    c = build_config(["--recipe", "seed-pretrained"])
+    assert (c.arch, c.pretrained, c.optimizer, c.lr, c.weight_decay, c.batch_size, c.epochs) == \
+        ("tv:resnet18", True, "adam", 1e-3, 5e-3, 64, 30)
+    assert c.normalize == "imagenet"
+
+
+def test_pretrained_recipe_runs_on_a_folder(tmp_path):
+    """The fine-tune recipe's model and data path (ImageNet weights are not available offline, so none)."""
+    root = write_folder(tmp_path / "data", sizes=((40, 52), (64, 64)))
+    out = tmp_path / "run"
+    train(["--recipe", "seed-pretrained", "--no-pretrained", "--data-dir", str(root), "--image-size", "32",
+           "--batch-size", "6", "--epochs", "1", "--max-steps", "1", "--output-dir", str(out)])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["arch"] == "tv:resnet18" and ckpt["num_classes"] == 3
+    assert np.allclose(ckpt["mean"], stats.IMAGENET[0]) and np.allclose(ckpt["std"], stats.IMAGENET[1])

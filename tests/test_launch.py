@@ -144,3 +144,25 @@ def test_node_sh_single_node_cpu_and_overrides(tmp_path):
     assert "--nproc-per-node=3 " in r.stdout and "OMP=5 " in r.stdout
     r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="1", GPUS_PER_NODE="zero")
     assert r.returncode == 2 and "GPUS_PER_NODE" in r.stderr
+
+
+def launch_sh(script: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"source slurm/_launch.sh; {script}"], cwd=REPO,
+                          env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, timeout=30)
+
+
+def test_launch_sh_requeue_id_and_flags():
+    assert launch_sh("dtrain_job_key", SLURM_JOB_ID="77").stdout == "77\n"
+    # An array task is requeued as ARRAYJOB_TASK, not by its own job id.
+    r = launch_sh("dtrain_job_key", SLURM_JOB_ID="81", SLURM_ARRAY_JOB_ID="80", SLURM_ARRAY_TASK_ID="1")
+    assert r.stdout == "80_1\n"
+    r = launch_sh("_dtrain_has_flag --output-dir --arch x --output-dir=runs/a && echo yes; "
+                  "_dtrain_has_flag --resume --arch x --resume-from y || echo no")
+    assert r.stdout.split() == ["yes", "no"]
+
+
+def test_slurm_scripts_outside_slurm_say_how_to_submit():
+    env = clean_env()
+    r = subprocess.run(["bash", "slurm/cifar.sh", "--arch", "cnn"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "sbatch" in r.stderr, r.stderr

@@ -18,17 +18,24 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm_cluster import NODES
+from helpers import write_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Tiny but not instant: 2 processes x 8 images per step, 40 steps per epoch, 2 epochs.
-FAKE_SIZE, BATCH, EPOCHS = 640, 16, 2
-STEPS_PER_EPOCH = FAKE_SIZE // BATCH
-TRAIN_ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", str(FAKE_SIZE), "--batch-size", str(BATCH),
-              "--epochs", str(EPOCHS), "--seed", "0", "--no-wandb"]
+N_TRAIN, N_TEST, BATCH, EPOCHS = 640, 50, 16, 2
+STEPS_PER_EPOCH = N_TRAIN // BATCH
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
 STOP_LINE = re.compile(r"stopped by signal (\d+) at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
+
+@pytest.fixture(scope="module")
+def train_args(tmp_path_factory) -> list[str]:
+    """dtrain/main.py flags for the jobs: cnn on a generated CIFAR-10 folder (real pickled format)."""
+    data = write_cifar(tmp_path_factory.mktemp("cifar"), n_train=N_TRAIN, n_test=N_TEST)
+    return ["--arch", "cnn", "--dataset", "cifar10", "--data-dir", str(data), "--no-download",
+            "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--seed", "0", "--no-wandb"]
+
 
 def job_env(cluster) -> dict:
     # sbatch exports the submitting environment to the job: one thread per process on 2 cores.
@@ -96,7 +103,7 @@ def test_two_nodes_answer_srun(slurm_cluster):
 
 
 @pytest.fixture(scope="module")
-def ddp_job(slurm_cluster, tmp_path_factory):
+def ddp_job(slurm_cluster, tmp_path_factory, train_args):
     """One uninterrupted 2-node job, submitted with `sbatch --wait`; also the preemption baseline.
 
     Its --output-dir lies under the cluster's node-local directory, which each node sees as a
@@ -107,7 +114,7 @@ def ddp_job(slurm_cluster, tmp_path_factory):
     log = tmp / "job.log"
     out = cluster.node_local / tmp.name
     # stdbuf: sbatch's "Submitted batch job N" would otherwise sit in its stdout buffer until it exits.
-    waiter = subprocess.Popen(["stdbuf", "-oL", *sbatch_cmd(log, [*TRAIN_ARGS, "--output-dir", str(out)], "--wait")],
+    waiter = subprocess.Popen(["stdbuf", "-oL", *sbatch_cmd(log, [*train_args, "--output-dir", str(out)], "--wait")],
                               cwd=REPO, env=job_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     # `sbatch --wait` polls the job after 2, 8, 32 s...: take the job id and poll faster ourselves.
@@ -118,8 +125,10 @@ def ddp_job(slurm_cluster, tmp_path_factory):
         pytest.fail(f"sbatch --wait said {first!r} {waiter.communicate()}")
     job_id = match.group(1)
     state = wait_job(cluster, job_id, log)
-    yield {"job_id": job_id, "state": state, "log": log, "out": out, "waiter": waiter,
-           "node_dirs": {n: cluster.node_dir(n) / tmp.name for n in NODES}}
+    node_dirs = {n: cluster.node_dir(n) / tmp.name for n in NODES}
+    writers = [d for d in node_dirs.values() if (d / "last.pt").exists()]
+    yield {"job_id": job_id, "state": state, "log": log, "out": out, "waiter": waiter, "node_dirs": node_dirs,
+           "run_dir": writers[0] if len(writers) == 1 else None}
     if waiter.poll() is None:
         waiter.kill()
         waiter.wait()
@@ -143,16 +152,16 @@ def test_sbatch_two_nodes_is_one_ddp_job(ddp_job, slurm_cluster):
     rows = metrics(run_dir)
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     assert [r["step"] for r in rows] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
-    assert all(r["train_samples"] == FAKE_SIZE for r in rows), rows
+    assert all(r["train_samples"] == N_TRAIN for r in rows), rows
     # The default for a job: --resume auto (a fresh start here), no requeue.
     assert "--resume auto" in text and "(restart 0)" in text and "requeue" not in text
 
 
 @pytest.mark.slurm
-def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, tmp_path):
+def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, train_args, tmp_path):
     cluster = slurm_cluster
     log, out = tmp_path / "job.log", tmp_path / "run"
-    job_id = submit(cluster, log, [*TRAIN_ARGS, "--output-dir", str(out)])
+    job_id = submit(cluster, log, [*train_args, "--output-dir", str(out)])
     # "output: DIR" is printed after the stop handlers are installed and before the first step.
     wait_for_line(cluster, job_id, log, r"^output: ")
     r = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
@@ -174,10 +183,51 @@ def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, tmp_path):
     assert text.count("done:") == 1
 
     # Same optimiser steps and per-epoch samples as the uninterrupted run.
-    baseline = metrics(next(d for d in ddp_job["node_dirs"].values() if (d / "metrics.jsonl").exists()))
+    assert ddp_job["run_dir"], "the uninterrupted run left no single output dir to compare with"
+    baseline = metrics(ddp_job["run_dir"])
     rows = metrics(out)
     keys = ("epoch", "step", "train_samples")
     assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in baseline]
+
+
+@pytest.mark.slurm
+def test_term_to_batch_shell_saves_without_requeue(slurm_cluster, train_args, tmp_path):
+    """SIGTERM to the batch shell: the same save, then the job ends (exit 0), not requeued."""
+    cluster = slurm_cluster
+    log, out = tmp_path / "job.log", tmp_path / "run"
+    job_id = submit(cluster, log, [*train_args, "--output-dir", str(out)])
+    wait_for_line(cluster, job_id, log, r"^output: ")
+    r = cluster.run(["scancel", "--signal=TERM", "--batch", job_id])
+    assert r.returncode == 0, r.stderr
+    state = wait_job(cluster, job_id, log)
+    text = read(log)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "0", failure(
+        cluster, job_id, log, "the job did not end cleanly")
+    stops = STOP_LINE.findall(text)
+    assert len(stops) == 1 and int(stops[0][0]) == signal.SIGTERM, text
+    assert "requeueing" not in text and "done:" not in text
+    assert (out / "last.pt").is_file()
+
+
+@pytest.mark.slurm
+def test_predict_sh_job(slurm_cluster, ddp_job, train_args, tmp_path):
+    """slurm/predict.sh runs dtrain/predict.py through the same launcher (1 node, here 1 CPU process),
+    on the checkpoint of the 2-node job."""
+    assert ddp_job["run_dir"], "the training job left no checkpoint"
+    csv, log = tmp_path / "pred.csv", tmp_path / "job.log"
+    data = train_args[train_args.index("--data-dir") + 1]
+    r = slurm_cluster.run(["sbatch", "--parsable", "--output", str(log), "slurm/predict.sh", "--checkpoint",
+                           str(ddp_job["run_dir"] / "best.pt"), "--dataset", "cifar10", "--data-dir", data,
+                           "--split", "test", "--output", str(csv)], cwd=REPO, env=job_env(slurm_cluster))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    state = wait_job(slurm_cluster, job_id, log)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", failure(
+        slurm_cluster, job_id, log, "the predict job did not complete")
+    assert state["JobName"] == "dtrain-predict" and state["NumNodes"] == "1"
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("id,label") and len(lines) == 1 + N_TEST, lines[:3]
+    assert "--output-dir" not in read(log)                 # training defaults are not added to predict
 
 
 @pytest.mark.slurm
@@ -192,7 +242,8 @@ def test_sbatch_wait_exits_0(ddp_job):
 
 
 def test_sigterm_plain_run_saves_and_stops(tmp_path):
-    """No Slurm: SIGTERM to `python dtrain/main.py` saves last.pt at the next step and exits 0."""
+    """No Slurm: SIGTERM to `python dtrain/main.py` saves last.pt at the next step and exits 0
+    (nothing to requeue: the run continues with --resume auto, as the Slurm test shows)."""
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
@@ -225,13 +276,8 @@ def test_sigterm_plain_run_saves_and_stops(tmp_path):
     assert len(stops) == 1 and int(stops[0][0]) == signal.SIGTERM, text
     step, batch, nb = int(stops[0][1]), int(stops[0][3]), int(stops[0][4])
     assert 0 < batch < nb, text
-    assert (out / "last.pt").is_file()
     assert "requeue" not in text.lower() and "done:" not in text
+    import torch
 
-    # --resume auto continues from the saved step and finishes the epoch.
-    r = subprocess.run([sys.executable, "dtrain/main.py", *args, "--resume", "auto"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"step {step}" in r.stdout
-    rows = metrics(out)
-    assert [(x["epoch"], x["step"], x["train_samples"]) for x in rows] == [(1, nb, 1280)]
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]) == (0, step, batch)   # the mid-epoch position

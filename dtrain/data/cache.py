@@ -199,7 +199,7 @@ class ArrayLoader(_Loader):
     """Evaluation batches from a host uint8 N x H x W x C array (e.g. a memory-mapped cache).
 
     Each process reads only its own shard's rows, batch by batch, a batch ahead in a helper thread;
-    the NHWC -> NCHW permutation happens on the device."""
+    the NHWC -> NCHW permutation happens on the device, on uint8 (4x cheaper than on the float batch)."""
 
     def __init__(self, imageset, device, batch_size: int, rank: int, world: int):
         super().__init__(imageset, torch.device(device), batch_size, rank, world, 0, False)
@@ -224,5 +224,5 @@ class ArrayLoader(_Loader):
                 x, idx = pending.result()
                 if k + 1 < len(index_batches):
                     pending = pool.submit(self._host_batch, index_batches[k + 1])
-                x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # uint8: cheap
                 yield x, self.labels[idx].to(self.device), idx.to(self.device)

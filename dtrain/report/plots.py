@@ -76,7 +76,7 @@ class PlotReporter:
             self.draw()
 
     def end(self, summary: dict, evaluation=None) -> None:
-        if evaluation is not None and (self.confusion is None or self.dirty):
+        if evaluation is not None and self.confusion is None:  # epoch() normally brought it already
             self._take(None, evaluation)
         self.draw()
 
@@ -107,9 +107,10 @@ def render(rows: list[dict], confusion, classes: list[str], title: str = "", epo
 
     k = len(classes) if classes else (0 if confusion is None else confusion[1].shape[0])
     side = 7.0 if k <= 12 else min(16.0, 4.0 + 0.3 * k) if k <= NAMES_MAX else 9.0
-    fig = Figure(figsize=(6.5 + side, max(7.5, side)), dpi=100)
+    fig = Figure(figsize=(6.5 + side + (2.0 if 0 < k <= NAMES_MAX else 0.0), max(7.5, side)), dpi=100,
+                 layout="constrained")       # room for long class names, whatever their length
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(3, 2, width_ratios=[6.5, side], height_ratios=[3, 3, 1.6], wspace=0.28, hspace=0.35)
+    gs = fig.add_gridspec(3, 2, width_ratios=[6.5, side], height_ratios=[3, 3, 1.6])
     ax_loss, ax_acc, ax_lr = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[2, 0])
     ax_cm = fig.add_subplot(gs[:, 1])
 
@@ -118,16 +119,15 @@ def render(rows: list[dict], confusion, classes: list[str], title: str = "", epo
         for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
             x, y = _series(rows, f"{split}_{key}", scale)
             if x:
-                ax.plot(x, y, color=colour, label=split, **style)
+                name = split
+                if split == "val" and key == "acc":
+                    best = int(np.argmax(y))
+                    name = f"val (best {y[best]:.2f}% at epoch {x[best]})"
+                ax.plot(x, y, color=colour, label=name, **style)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(loc="best", fontsize=9)
-    x, y = _series(rows, "val_acc", 100.0)
-    if x:
-        best = int(np.argmax(y))
-        ax_acc.annotate(f"best {y[best]:.2f}%", (x[best], y[best]), xytext=(0, -16), textcoords="offset points",
-                        ha="center", fontsize=9, color="tab:orange")
     ax_loss.set_title("loss per epoch", fontsize=10)
     ax_acc.set_title("accuracy per epoch", fontsize=10)
     x, y = _series(rows, "lr")
@@ -169,7 +169,7 @@ def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:
     from matplotlib.colors import PowerNorm
     # a square-root colour scale, so that a few percent of confusion stands out next to the diagonal
     im = ax.imshow(share, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cb = fig.colorbar(im, ax=ax, shrink=0.8)
     cb.set_label("share of the true class", fontsize=9)
     acc = np.trace(cm) / max(cm.sum(), 1)
     ax.set_title(f"confusion matrix (validation, epoch {epoch}): {acc:.2%} of {int(cm.sum()):,} correct",
@@ -179,9 +179,9 @@ def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:
     if k <= NAMES_MAX:
         recall = np.diag(share)
         fs = 9 if k <= 15 else 7
-        ax.set_xticks(range(k), [n[:18] for n in names], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center",
+        ax.set_xticks(range(k), [n[:28] for n in names], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center",
                       fontsize=fs)
-        ax.set_yticks(range(k), [f"{n[:18]} ({r:.0%})" for n, r in zip(names, recall)], fontsize=fs)
+        ax.set_yticks(range(k), [f"{n[:28]} ({r:.0%})" for n, r in zip(names, recall)], fontsize=fs)
     if k <= ANNOTATE_MAX:
         fs = 9 if k <= 12 else 7
         for i in range(k):

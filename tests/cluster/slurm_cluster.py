@@ -1,6 +1,6 @@
 """A throw-away two-node Slurm cluster on this one machine, for the tests.
 
-What it starts (all as root, each with ``-D`` under ``setsid``, state in one temp dir):
+What it starts (all as root, each with ``-D`` in a session of its own, state in one temp dir):
 
 * ``munged`` with its own key and its own socket (in a 0755 directory: munged refuses a socket
   directory that is not world-executable);
@@ -9,6 +9,12 @@ What it starts (all as root, each with ``-D`` under ``setsid``, state in one tem
   its own ``Port=``). Each runs under ``unshare --uts --mount`` with its own hostname and a private
   hosts file bind-mounted over /etc/hosts in that namespace only, so a job step on n1 sees
   ``hostname`` = n1 and ``n1``/``n2`` resolve to 127.0.0.1 (the torchrun rendezvous host).
+  ``<root>/node-local`` is also bind-mounted per node (``node_dir(name)`` seen from outside), so a
+  test can tell which node's processes wrote a file.
+
+Nodes declare 8 cores each (``SlurmdParameters=config_overrides``), ProctrackType=proctrack/pgid,
+TaskPlugin=task/none, no accounting, ``sched_interval=2,bf_interval=1``, ``cred_expire=5`` (a
+requeued job may restart only after it): a job starts about a second after sbatch.
 
 Clients find the cluster through ``SLURM_CONF`` (``cluster.env``). ``stop()`` cancels the jobs
 left, then stops every daemon it started, by pid.
@@ -35,8 +41,8 @@ BASE_PORT = 16817            # slurmctld; the nodes' slurmd take the next ports 
 # Declared, not real (SlurmdParameters=config_overrides): enough for slurm/cifar.sh's default
 # --cpus-per-task=8, so the job scripts run unmodified on this GPU-less machine.
 CORES_PER_NODE = 8
-REQUIRED_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue",
-                  "scancel", "unshare", "setsid")
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
+SYSTEM_TOOLS = ("unshare", "mount", "hostname")   # util-linux, hostname
 INSTALL_HINT = "run `bash tests/cluster/install.sh` (Debian: slurmctld slurmd slurm-client munge)"
 
 
@@ -50,7 +56,10 @@ def unavailable_reason() -> str | None:
         return "the Slurm test cluster needs Linux"
     if os.geteuid() != 0:
         return "the Slurm test cluster needs root (slurmd and unshare run as root)"
-    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    missing = [tool for tool in SYSTEM_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing {', '.join(missing)} (util-linux, hostname): the nodes run in their own namespaces"
+    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
     if missing:
         return f"missing {', '.join(missing)}: {INSTALL_HINT}"
     return None
