@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: all cores)")
     ap.add_argument("--batch-size", type=int, default=1024, help="(b): predict.py --batch-size (default 1024)")
     ap.add_argument("--pipeline-batch", type=int, default=None,
-                    help="(a): dtrain's batch size (default 128 on the CPU, like the plain loop; 1024 on a GPU)")
+                    help="(a): dtrain's batch size (default: --batch-size, as predict.py runs it)")
     ap.add_argument("--plain-images", type=int, default=None,
                     help="time the straightforward loop on the first N images only (default: all)")
     ap.add_argument("--e2e-images", type=int, default=None,
@@ -215,7 +215,7 @@ def main() -> None:
     print(f"# {n:,} test PNGs in {folder} ({made}{f', {gen_seconds:.0f} s' if made != 'reused' else ''}); "
           f"{machine()}; device {device}; {workers} decode workers", flush=True)
     pipeline = Pipeline(AugmentSpec(), MEAN, STD, device)
-    pb = a.pipeline_batch or (1024 if device.type == "cuda" else 128)
+    pb = a.pipeline_batch or a.batch_size
     rows = []
 
     def add(name, seconds, images, batches, batch, note=""):

@@ -7,7 +7,7 @@
 # Every argument after the script name goes to dtrain/main.py. Unless given, the run writes to
 # --output-dir runs/<job name>-<job id> and starts with --resume auto, so a requeued job
 # continues where it stopped. Run sbatch from the repository root (or set DTRAIN_ROOT); the log
-# goes to logs/<job name>-<job id>.out (`mkdir -p logs` first: Slurm does not create it).
+# goes to logs/<job name>-<job id>.out (logs/ ships with the checkout: Slurm does not create it).
 #
 # Defaults: edit them here, or override any of them on the sbatch command line.
 #SBATCH --job-name=dtrain

@@ -6,7 +6,7 @@
 #       --data-dir cifar-10 --output submission.csv
 #
 # Every argument after the script name goes to dtrain/predict.py. Run sbatch from the repository
-# root (or set DTRAIN_ROOT); the log goes to logs/<job name>-<job id>.out (`mkdir -p logs` first).
+# root (or set DTRAIN_ROOT); the log goes to logs/<job name>-<job id>.out (logs/ ships with the checkout).
 # GPUs are requested on the command line for the reason given in slurm/cifar.sh; the launcher
 # logic (processes per node, threads, rendezvous) is shared with it: slurm/_launch.sh.
 #

@@ -82,8 +82,11 @@ def test_jpeg_and_upper_case_extensions_and_nested_folders(tmp_path):
     nested = root / "train" / "mango" / "more"
     nested.mkdir()
     Image.new("RGB", (32, 32)).save(nested / "x.jpeg")
+    for hidden in (root / "train" / ".ipynb_checkpoints", root / "train" / "mango" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        Image.new("RGB", (32, 32)).save(hidden / "copy.png")      # Jupyter's copies: neither a class nor an image
     tr, _ = imagefolder.read(root)
-    assert len(tr) == 19 and (tr.labels == 1).sum() == 7
+    assert len(tr) == 19 and (tr.labels == 1).sum() == 7 and tr.classes == ["apple", "mango", "zebra"]
 
 
 def test_val_split_is_stratified_and_seeded(tmp_path):

@@ -19,6 +19,11 @@ from dtrain.data import mnist, stats
 from dtrain.errors import UserError
 from helpers import SHARED_DATA, train
 
+# The seed recipe runs 30 epochs; 20 suffice here (OMP_NUM_THREADS=1 makes a CPU run deterministic; measured
+# final test accuracy at 20 epochs: 98.40% / 98.10% / 98.80% for seeds 0 / 1 / 2; the test uses seed 0), in
+# 80-140 s on 2 cores shared with other jobs.
+GOAL_EPOCHS = 20
+
 
 def write_idx(root: Path, n_train: int = 60, n_test: int = 20, gz: bool = False, seed: int = 0,
               size: int = 28) -> Path:
@@ -169,5 +174,3 @@ def test_mnist_cnn_deep_recipe_reaches_98_percent_on_real_digits(tmp_path):
           f"{time.perf_counter() - t0:.0f} s")
     assert final >= 0.98, [round(r["val_acc"], 4) for r in rows]
 
-
-GOAL_EPOCHS = 15

@@ -1,6 +1,7 @@
 """TensorBoard scalars and the run picture (run.png)."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import sys
 import time
@@ -17,6 +18,12 @@ from dtrain.errors import UserError
 from dtrain.report import plots
 from dtrain.report.build import make_reporters
 from helpers import train
+
+# optional dependencies (extras `tensorboard` and `plots`): CI should install both so these run
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="tensorboard is not installed (pip install tensorboard)")
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (pip install matplotlib)")
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -39,6 +46,7 @@ def row(epoch: int, step: int) -> dict:
             "images_per_second": 100.0, "train_samples": 100}
 
 
+@needs_tensorboard
 def test_tensorboard_run_writes_step_and_epoch_scalars(tmp_path):
     out = tmp_path / "run"
     train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "2",
@@ -54,6 +62,7 @@ def test_tensorboard_run_writes_step_and_epoch_scalars(tmp_path):
     assert all(0.0 <= v <= 1.0 for _, v in s["epoch/val_acc"])
 
 
+@needs_tensorboard
 def test_tensorboard_resume_purges_the_killed_runs_later_steps(tmp_path):
     from dtrain.report.tensorboard import TensorBoardReporter
     cfg = build_config(["--arch", "cnn", "--dataset", "fake"])
@@ -81,6 +90,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
             make_reporters(cfg, tmp_path, None, is_main)
 
 
+@needs_matplotlib
 def test_run_picture_from_a_real_run(tmp_path):
     out = tmp_path / "run"
     train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "2",
@@ -94,6 +104,7 @@ def test_run_picture_from_a_real_run(tmp_path):
     assert not list(out.glob(".run.png.*"))       # no temp files left behind
 
 
+@needs_matplotlib
 def test_plot_reporter_redraws_and_keeps_the_history_on_resume(tmp_path):
     cfg = SimpleNamespace(arch="cnn", dataset="fake", epochs=3)
     classes = ["cat", "dog", "frog"]
@@ -129,6 +140,7 @@ def test_redraws_are_throttled_when_drawing_would_dominate(tmp_path):
     assert len(calls) == 2                    # the final picture is always drawn
 
 
+@needs_matplotlib
 @pytest.mark.parametrize("k", [1, 14, 100])
 def test_render_handles_any_number_of_classes(k):
     ev = fake_eval(k, n=300)
@@ -138,6 +150,7 @@ def test_render_handles_any_number_of_classes(k):
         im.verify()
 
 
+@needs_matplotlib
 def test_render_before_any_epoch():
     png = plots.render([], None, [], "t")
     assert png[:4] == b"\x89PNG"

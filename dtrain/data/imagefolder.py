@@ -47,6 +47,15 @@ def _threads() -> int:
     return max(1, min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
 
 
+def _images_under(folder: Path, exts: tuple[str, ...]) -> list[str]:
+    """Image files under folder, recursively, sorted; hidden files and folders (.ipynb_checkpoints...) skipped."""
+    found = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, n) for n in names if n.lower().endswith(exts) and not n.startswith(".")]
+    return sorted(found)
+
+
 def scan(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
     """(classes, files, labels) of one split folder. With `classes` given (the training classes), the
     folder's class folders must be among them; otherwise they define them."""
@@ -65,8 +74,7 @@ def scan(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], 
     index = {c: i for i, c in enumerate(classes)}
     files, labels, empty = [], [], []
     for c in folders:
-        found = sorted(os.path.join(root, n) for root, _, names in os.walk(split_dir / c, followlinks=True)
-                       for n in names if n.lower().endswith(exts) and not n.startswith("."))
+        found = _images_under(split_dir / c, exts)
         if not found:
             empty.append(c)
         files += found

@@ -43,6 +43,23 @@ class FileImages(torch.utils.data.Dataset):
         return torch.from_numpy(x).permute(2, 0, 1), self.set.labels[i], i
 
 
+class FileBatches(FileImages):
+    """Whole batches per worker call (DataLoader's `__getitems__`): one uint8 N x C x H x W tensor per batch,
+    decoded straight into place, without a tensor per image and the collation of them."""
+
+    def __getitems__(self, indices: list[int]):
+        s = self.set
+        x = np.empty((len(indices), s.size, s.size, s.channels), dtype=np.uint8)
+        for k, i in enumerate(indices):
+            x[k] = decode_image(s.files[i], s.size, s.channels)
+        idx = torch.tensor(indices, dtype=torch.long)
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), s.labels[idx], idx
+
+
+def _whole_batch(batch):
+    return batch
+
+
 def _user_error_from_worker(e: UserError) -> UserError:
     """DataLoader re-raises a worker's exception with the worker's traceback as text: keep the message."""
     last = str(e).strip().splitlines()[-1]
@@ -96,8 +113,8 @@ class FileLoader(_Loader):
     def batches(self, epoch: int = 0, start: int = 0):
         index_batches = self.index_batches(epoch, start)
         loader = torch.utils.data.DataLoader(
-            FileImages(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            FileBatches(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
+            collate_fn=_whole_batch, pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.workers else None)
         try:
             for x, y, idx in loader:

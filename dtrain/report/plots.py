@@ -179,7 +179,8 @@ def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:
     if k <= NAMES_MAX:
         recall = np.diag(share)
         fs = 9 if k <= 15 else 7
-        ax.set_xticks(range(k), [n[:28] for n in names], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center",
+        tilt = k > 4 and max(len(n) for n in names) > 3
+        ax.set_xticks(range(k), [n[:28] for n in names], rotation=45 if tilt else 0, ha="right" if tilt else "center",
                       fontsize=fs)
         ax.set_yticks(range(k), [f"{n[:28]} ({r:.0%})" for n, r in zip(names, recall)], fontsize=fs)
     if k <= ANNOTATE_MAX:
