@@ -77,12 +77,9 @@ def broadcast(accelerator: Accelerator, value):
     return box[0]
 
 
-def on_main_first(accelerator: Accelerator, fn):
-    """Run fn on the main process first (e.g. to download, or to build a cache), then on the others.
-
-    Unlike a bare barrier, a failure on the main process reaches every process instead of leaving the
-    others waiting forever.
-    """
+def _main_only(accelerator: Accelerator, fn):
+    """fn() on the main process (None elsewhere); a UserError it raises is raised on every process,
+    rather than leaving the others waiting forever at their next collective."""
     from dtrain.errors import UserError
     result, error = None, None
     if accelerator.is_main_process:
@@ -93,24 +90,18 @@ def on_main_first(accelerator: Accelerator, fn):
     error = broadcast(accelerator, error)
     if error is not None:
         raise UserError(error)
-    if not accelerator.is_main_process:
-        result = fn()
     return result
+
+
+def on_main_first(accelerator: Accelerator, fn):
+    """Run fn on the main process first (e.g. to download, or to build a cache), then on the others."""
+    result = _main_only(accelerator, fn)
+    return result if accelerator.is_main_process else fn()
 
 
 def run_on_main(accelerator: Accelerator, fn):
     """fn() on the main process only; its (picklable) result, or its UserError, on every process."""
-    from dtrain.errors import UserError
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-    result, error = broadcast(accelerator, (result, error))
-    if error is not None:
-        raise UserError(error)
-    return result
+    return broadcast(accelerator, _main_only(accelerator, fn))
 
 
 def first_error(accelerator: Accelerator, error: str | None) -> str | None:
