@@ -34,7 +34,6 @@ takes an exported cifar-10-batches-py folder instead.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os

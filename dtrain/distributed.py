@@ -57,6 +57,7 @@ def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch
     Returns (index, *values) on every process (CPU tensors).
     """
     if accelerator.num_processes > 1:
+        values = _shape_empty_like_others(values)
         index = accelerator.pad_across_processes(index, dim=0, pad_index=-1)
         values = [accelerator.pad_across_processes(v, dim=0, pad_index=0) for v in values]
         index = accelerator.gather(index)
@@ -65,6 +66,18 @@ def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch
     index = index[keep]
     order = index.argsort()
     return (index[order].cpu(), *[v[keep][order].cpu() for v in values])
+
+
+def _shape_empty_like_others(values):
+    """A process with no samples has no idea of a value's trailing shape (e.g. the number of classes):
+    take it from the processes that have some, or the gather would hang on mismatched shapes."""
+    from accelerate.utils import gather_object
+    shapes = gather_object([[tuple(v.shape[1:]) if len(v) else None for v in values]])
+    fixed = []
+    for i, v in enumerate(values):
+        trailing = next((s[i] for s in shapes if s[i] is not None), None)
+        fixed.append(v.new_zeros((0, *trailing)) if not len(v) and trailing is not None else v)
+    return fixed
 
 
 def broadcast(accelerator: Accelerator, value):

@@ -21,10 +21,6 @@ from pathlib import Path
 import torch
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
 
 def default_output_dir(cfg) -> Path:
     job, job_id = os.environ.get("SLURM_JOB_NAME"), os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
@@ -154,13 +150,8 @@ def run(argv=None) -> dict | None:
 
 
 def main(argv=None) -> None:
-    from dtrain.errors import UserError
-    try:
-        run(argv)
-    except UserError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted")
+    from dtrain.errors import run_cli
+    run_cli(run, argv)
 
 
 if __name__ == "__main__":

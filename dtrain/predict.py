@@ -58,10 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
 
 # ---- console ------------------------------------------------------------------------------------------
 
@@ -278,6 +274,23 @@ def report_accuracy(console: Console, classes: list[str], preds: torch.Tensor, t
     return {"accuracy": acc, "per_class": per_class}
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep large freed blocks instead of handing each back to the OS at once.
+
+    By default a block over 128 KiB is its own mmap, unmapped when freed, so every batch-sized CPU tensor
+    (a 1024-image float batch is 12 MiB) is fresh memory whose pages fault in again, batch after batch; on
+    a virtual machine that costs more than the normalisation itself (measured: 85,000 against 390,000
+    cached images/s on 2 cores). A no-op where the C library is not glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 * 2**20)
+        libc.mallopt(m_trim_threshold, 512 * 2**20)
+    except (OSError, AttributeError):
+        pass
+
+
 # ---- the modes ----------------------------------------------------------------------------------------
 
 def predict_images(args, console: Console, model, pipeline, classes: list[str], size: int, channels: int) -> dict:
@@ -320,6 +333,7 @@ def run(argv=None) -> dict | None:
     from dtrain.models import model_from_checkpoint
 
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     if not args.checkpoint and not args.prepare:
         raise UserError("--checkpoint is required: give the best.pt or last.pt of a dtrain/main.py run")
     if args.batch_size < 1:
@@ -416,13 +430,8 @@ def run(argv=None) -> dict | None:
 
 
 def main(argv=None) -> None:
-    from dtrain.errors import UserError
-    try:
-        run(argv)
-    except UserError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted")
+    from dtrain.errors import run_cli
+    run_cli(run, argv)
 
 
 if __name__ == "__main__":

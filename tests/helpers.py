@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,17 +58,29 @@ def env(**extra) -> dict:
     return e
 
 
-def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300, check: bool = True,
-           extra_env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a dtrain entry point on nproc CPU processes (accelerate launch; plain python for 1)."""
+def launch(script: str, args: list, nproc: int = 1, timeout: int = 300, check: bool = True,
+           extra_env: dict | None = None, cwd: Path | None = None, threads: int = 1) -> subprocess.CompletedProcess:
+    """Run a dtrain entry point on nproc CPU processes (accelerate launch; plain python for 1).
+
+    It runs in a session of its own: on a timeout the launcher and every process it started are killed.
+    """
+    args = [str(a) for a in args]
     if nproc == 1:
         cmd = [sys.executable, script, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), script, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**(extra_env or {})),
-                       cwd=cwd or REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or REPO,
+                            env=env(OMP_NUM_THREADS=threads, **(extra_env or {})), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s\n--- stdout\n{out[-4000:]}\n"
+                             f"--- stderr\n{err[-4000:]}") from None
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n--- stdout\n{r.stdout[-4000:]}\n"
                              f"--- stderr\n{r.stderr[-6000:]}")

@@ -5,7 +5,7 @@ import torch
 
 from dtrain.checkpoint import load_checkpoint
 from dtrain.models import build_model
-from helpers import metrics, train
+from helpers import launch, metrics, train
 
 TINY = ["--arch", "cnn", "--data-dir", None, "--no-download", "--batch-size", "40", "--eval-batch-size", "64",
         "--workers", "0", "--log-every", "1"]
@@ -130,3 +130,25 @@ def test_plateau_steps_once_per_epoch_on_two_processes(cifar_dir, tmp_path):
     # schedule's scale is what we can observe
     ck = load_checkpoint(out / "last.pt")
     assert ck["scheduler"]["scale"] == pytest.approx(0.25)
+
+
+
+GATHER_PROBE = """
+import torch
+from dtrain.distributed import gather_samples, make_accelerator
+acc = make_accelerator()
+r = acc.process_index
+# process 2 has no samples, so no idea of the logits' width
+idx, v = (torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)) if r == 2 else (torch.tensor([5 - r]), torch.full((1, 4), float(r)))
+index, values = gather_samples(acc, idx, v)
+if acc.is_main_process:
+    print("GATHERED", index.tolist(), values[:, 0].tolist(), tuple(values.shape))
+"""
+
+
+def test_gather_when_a_process_has_no_samples(tmp_path):
+    """Fewer images than processes (2 on 3): the empty process must neither hang nor break the gather."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(GATHER_PROBE)
+    r = launch(str(probe), [], nproc=3, timeout=120)
+    assert "GATHERED [4, 5] [1.0, 0.0] (2, 4)" in r.stdout

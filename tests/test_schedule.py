@@ -1,5 +1,4 @@
 """The learning-rate schedule: warm-up, shapes, and the plateau rule."""
-import types
 
 import pytest
 import torch
