@@ -124,7 +124,7 @@ class Trainer:
         self.state = TrainState()
         self.ema = None
         if cfg.ema:
-            self.ema = WeightAverage(raw_model, cfg.ema, getattr(cfg, "lookahead", 0))
+            self.ema = WeightAverage(raw_model, cfg.ema, cfg.lookahead)
         self.rng = BatchRNG(accelerator.device, cfg.seed, accelerator.process_index)
         self.compiled = eager(model) is not model
         self.steps_per_epoch = -(-len(train_loader) // cfg.grad_accum)
@@ -210,7 +210,7 @@ class Trainer:
         if len(x) == getattr(self.val_loader, "batch_size", len(x)):
             model.eval()
             with self.acc.autocast():
-                tta_logits(model, self.eval_pipe(x), getattr(self.cfg, "tta_shift", 0)) if self.cfg.tta \
+                tta_logits(model, self.eval_pipe(x), self.cfg.tta_shift) if self.cfg.tta \
                     else model(self.eval_pipe(x))
         self.model.train()
 
@@ -287,7 +287,7 @@ class Trainer:
         if (epoch + 1) % cfg.eval_every == 0 or last:
             model = self.ema.module if self.ema is not None else self.model
             ev = evaluate(model, self.val_loader, self.eval_pipe, acc, self.val_labels, cfg.tta,
-                          getattr(cfg, "tta_shift", 0))
+                          cfg.tta_shift)
         row = {"epoch": epoch + 1, "step": s.step,
                "train_loss": total[0] / max(total[2], 1), "train_acc": total[1] / max(total[2], 1),
                "val_loss": ev.loss if ev else None, "val_acc": ev.acc if ev else None, "lr": self.schedule.lr,
@@ -305,6 +305,6 @@ class Trainer:
             s.epoch_sums, s.epoch_seconds = [0.0, 0.0, 0.0], 0.0
         else:  # stopped mid-epoch by --max-steps: a resumed run completes this epoch's figures
             s.epoch_sums = total
-        if best or last or not finished or (epoch + 1) % getattr(cfg, "save_every", 1) == 0:
+        if best or last or not finished or (epoch + 1) % cfg.save_every == 0:
             self.save(best=best)
         return ev

@@ -28,7 +28,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, l
 
 def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias, cfg.lr,
-                          getattr(cfg, "bias_lr_scale", 1.0))
+                          cfg.bias_lr_scale)
     # fused kernels on CUDA (one launch for all parameters), foreach elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if cfg.optimizer == "sgd":

@@ -145,7 +145,7 @@ def load(cfg) -> tuple[ImageSet, ImageSet]:
         raise UserError(f"--val-split {cfg.val_split}: {e} ({len(labels):,} labelled images)") from None
     size = cfg.image_size or 32
     files = [found[i] for i, _ in rows]
-    images = cache.load_or_build(files, root, f"train-{size}px", size, 3, getattr(cfg, "cache_dir", None),
+    images = cache.load_or_build(files, root, f"train-{size}px", size, 3, cfg.cache_dir,
                                  workers=cache.default_workers())  # the other processes wait
     full = ImageSet(labels=labels, classes=list(CLASSES), images=torch.from_numpy(images), files=files,
                     ids=[i for i, _ in rows], channels=3, size=size, mean=MEAN, std=STD, meta={"root": str(root)})

@@ -8,7 +8,7 @@ from dtrain.report.wandb import resolve_mode as resolve_wandb_mode
 
 
 def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bool) -> Reporters:
-    if getattr(cfg, "tensorboard", False):  # every process checks, so all fail alike without the package
+    if cfg.tensorboard:  # every process checks, so all fail alike without the package
         from dtrain.report.tensorboard import summary_writer_class
         summary_writer_class()
     if not is_main:
@@ -20,10 +20,10 @@ def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bo
     if cfg.wandb and resolve_wandb_mode(cfg) != "disabled":
         from dtrain.report.wandb import WandbReporter
         members.append(WandbReporter(cfg, output_dir, console.message))
-    if getattr(cfg, "tensorboard", False):
+    if cfg.tensorboard:
         from dtrain.report.tensorboard import TensorBoardReporter
         members.append(TensorBoardReporter(output_dir, resumed=resumed_epoch is not None))
-    if getattr(cfg, "plots", False):
+    if cfg.plots:
         from dtrain.report.plots import make_plot_reporter
         members.append(make_plot_reporter(output_dir, resumed_epoch))
     return Reporters(members)
