@@ -143,6 +143,8 @@ idx, v = (torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)) if r == 2 else (t
 index, values = gather_samples(acc, idx, v)
 if acc.is_main_process:
     print("GATHERED", index.tolist(), values[:, 0].tolist(), tuple(values.shape))
+acc.wait_for_everyone()
+acc.end_training()  # shut the process group down, as the entry points do
 """
 
 
