@@ -78,6 +78,11 @@ def tta_logits(model, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
     return logits
 
 
+def eval_logits(model, x: torch.Tensor, tta: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """float logits of a batch, with the mirror (and shift) test-time augmentation when asked."""
+    return tta_logits(model, x, tta_shift) if tta else model(x).float()
+
+
 @torch.no_grad()
 def predict(model, loader, pipeline, accelerator, tta: bool = False, tta_shift: int = 0):
     """Logits for every item of `loader` (an evaluation shard per process), gathered: (index, logits).
@@ -92,7 +97,7 @@ def predict(model, loader, pipeline, accelerator, tta: bool = False, tta_shift: 
         x = pipeline(x)
         m = model if full is None or len(x) == full else eager(model)
         with accelerator.autocast():
-            logits = tta_logits(m, x, tta_shift) if tta else m(x).float()
+            logits = eval_logits(m, x, tta, tta_shift)
         idx_parts.append(idx)
         logit_parts.append(logits)
     device = accelerator.device
@@ -210,8 +215,7 @@ class Trainer:
         if len(x) == getattr(self.val_loader, "batch_size", len(x)):
             model.eval()
             with self.acc.autocast():
-                tta_logits(model, self.eval_pipe(x), self.cfg.tta_shift) if self.cfg.tta \
-                    else model(self.eval_pipe(x))
+                eval_logits(model, self.eval_pipe(x), self.cfg.tta, self.cfg.tta_shift)
         self.model.train()
 
     def _sync(self) -> None:

@@ -295,6 +295,7 @@ def keep_freed_memory() -> None:
 
 def predict_images(args, console: Console, model, pipeline, classes: list[str], size: int, channels: int) -> dict:
     from dtrain.data.loader import decode_image
+    from dtrain.engine import eval_logits
     from dtrain.errors import UserError
     arrays, bad = [], []
     for path in args.image:
@@ -307,10 +308,7 @@ def predict_images(args, console: Console, model, pipeline, classes: list[str], 
     device = pipeline.mean.device
     with torch.no_grad():
         x = pipeline(torch.stack(arrays).permute(0, 3, 1, 2).to(device))
-        logits = model(x).float()
-        if args.tta:
-            logits = (logits + model(x.flip(3)).float()) / 2
-        probs = logits.softmax(1).cpu()
+        probs = eval_logits(model, x, args.tta).softmax(1).cpu()
     k = max(1, min(args.top_k, len(classes)))
     top = probs.topk(k, dim=1)
     result = {}

@@ -24,11 +24,10 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from dtrain.data import ImageSet, stratified_split
+from dtrain.data import ImageSet, cache, stratified_split
 from dtrain.errors import UserError
 
 MEMORY_BUDGET = 2 * 1024 ** 3            # bytes of decoded uint8 pixels held in memory (train + val)
@@ -41,10 +40,6 @@ LAYOUT = ("expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (or D
 def _extensions() -> tuple[str, ...]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
     return tuple(e.lower() for e in IMG_EXTENSIONS)
-
-
-def _threads() -> int:
-    return max(1, min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
 
 
 def _images_under(folder: Path, exts: tuple[str, ...]) -> list[str]:
@@ -97,7 +92,7 @@ def _header(path: str) -> tuple[tuple[int, int], str]:
 
 
 def headers(files: list[str]) -> list[tuple[tuple[int, int], str]]:
-    with ThreadPoolExecutor(_threads()) as ex:
+    with ThreadPoolExecutor(cache.default_workers()) as ex:   # header reads: I/O, threads suffice
         return list(ex.map(_header, files, chunksize=64))
 
 
@@ -123,18 +118,6 @@ def decide_geometry(files: list[str], image_size: int | None, seed: int = 0) -> 
                         f"--image-size N to resize them to N x N")
     modes = {m for _, m in info}
     return w, 1 if modes <= GREY_MODES else 3
-
-
-def decode_all(files: list[str], size: int, channels: int) -> torch.Tensor:
-    """Every file decoded (and resized) into one uint8 N x size x size x channels tensor, in parallel."""
-    from dtrain.data.loader import decode_image   # the same decoding as the file-backed loader's
-    out = np.empty((len(files), size, size, channels), dtype=np.uint8)
-
-    def work(i: int) -> None:
-        out[i] = decode_image(files[i], size, channels)
-    with ThreadPoolExecutor(_threads()) as ex:
-        list(ex.map(work, range(len(files)), chunksize=64))
-    return torch.from_numpy(out)
 
 
 def _find_test_dir(root: Path) -> Path | None:
@@ -174,7 +157,8 @@ def read(root: str | Path, image_size: int | None = None, val_split: int = 0, se
     in_memory = loader == "memory" or (loader == "auto" and n_all * size * size * channels <= memory_budget)
     sets = []
     for f, y in splits:
-        kw = dict(images=decode_all(f, size, channels)) if in_memory else dict(files=f)
+        kw = dict(images=torch.from_numpy(cache.decode_all(f, size, channels, cache.default_workers()))) \
+            if in_memory else dict(files=f)
         sets.append(ImageSet(labels=torch.tensor(y, dtype=torch.int64), classes=classes, channels=channels,
                              size=size, mean=None, std=None, meta={"root": str(root)}, **kw))
     return sets[0], sets[1]

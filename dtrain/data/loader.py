@@ -32,6 +32,9 @@ def decode_image(path: str | Path, size: int | None, channels: int = 3) -> np.nd
 
 
 class FileImages(torch.utils.data.Dataset):
+    """A file-backed set, decoded a whole batch per worker call (DataLoader's `__getitems__`): one uint8
+    N x C x H x W tensor per batch, decoded straight into place, without a tensor per image to collate."""
+
     def __init__(self, imageset: ImageSet):
         self.set = imageset
 
@@ -39,13 +42,7 @@ class FileImages(torch.utils.data.Dataset):
         return len(self.set)
 
     def __getitem__(self, i: int):
-        x = decode_image(self.set.files[i], self.set.size, self.set.channels)
-        return torch.from_numpy(x).permute(2, 0, 1), self.set.labels[i], i
-
-
-class FileBatches(FileImages):
-    """Whole batches per worker call (DataLoader's `__getitems__`): one uint8 N x C x H x W tensor per batch,
-    decoded straight into place, without a tensor per image and the collation of them."""
+        return self.__getitems__([i])
 
     def __getitems__(self, indices: list[int]):
         s = self.set
@@ -113,7 +110,7 @@ class FileLoader(_Loader):
     def batches(self, epoch: int = 0, start: int = 0):
         index_batches = self.index_batches(epoch, start)
         loader = torch.utils.data.DataLoader(
-            FileBatches(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
+            FileImages(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
             collate_fn=_whole_batch, pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.workers else None)
         try:

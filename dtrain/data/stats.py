@@ -47,19 +47,9 @@ def resolve(mode: str, train, batches_of_train=None) -> tuple[tuple[float, ...],
     return channel_stats(batches_of_train)
 
 
-def file_batches(train, batch_size: int = 256, workers: int | None = None):
-    """A file-backed set's images decoded (and resized) as the loader does, as uint8 N x H x W x C batches,
-    in DataLoader worker processes."""
-    import os
-
-    from dtrain.data.loader import FileImages
-    if workers is None:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(FileImages(train), batch_size=batch_size, num_workers=workers,
-                                         shuffle=False)
-    try:
-        for x, _, _ in loader:
-            yield x.permute(0, 2, 3, 1)
-    except UserError as e:
-        from dtrain.data.loader import _user_error_from_worker
-        raise _user_error_from_worker(e) from None
+def file_batches(train):
+    """A file-backed set's images decoded (and resized) as the loader does, as uint8 N x H x W x C chunks,
+    in worker processes; a file that cannot be decoded is a UserError naming it."""
+    from dtrain.data import cache
+    for chunk in cache.decode_chunks(train.files, train.size, train.channels, cache.default_workers()):
+        yield torch.from_numpy(chunk)
