@@ -2,12 +2,13 @@
 # Launcher logic shared by slurm/cifar.sh and slurm/predict.sh. Sourced in the batch shell; not a
 # job script itself.
 #
-#   dtrain_launch train   dtrain/main.py    ARGS...   # training: default --output-dir, --resume auto,
+#   dtrain_launch train   dtrain/main.py    ARGS...   # training: default --resume auto,
 #                                                     # USR1 -> save + requeue, TERM -> save
 #   dtrain_launch predict dtrain/predict.py ARGS...   # inference
 #
 # One `srun` starts slurm/_node.sh once per node; it runs torchrun there (c10d rendezvous on the
-# first host of the allocation) and relays signals to the worker processes.
+# first host of the allocation), restarting a lost worker group (see launch/_common.sh), and relays
+# signals to the worker processes.
 #
 # Environment a user may set (before sbatch; sbatch exports the submitting environment):
 #   DTRAIN_ROOT       repository root (default: the directory sbatch was run from)
@@ -17,6 +18,7 @@
 #   MASTER_PORT       rendezvous port (default: 20000 + job id % 10000)
 #   OMP_NUM_THREADS   threads per process (default: CPUs per task / processes per node)
 #   DTRAIN_PYTHON     Python interpreter (default: python, else python3)
+#   TORCHRUN_ARGS     extra torchrun options (e.g. "--max-restarts 0": no restart of a lost worker)
 #   NCCL_* / TORCH_NCCL_*  passed through; defaults below apply only where unset.
 
 _dtrain_log() {
@@ -80,11 +82,9 @@ dtrain_launch() {
     local job_key
     job_key=$(dtrain_job_key)
     local args=("$@")
+    # Training writes to runs/<job name>-<job id> unless given --output-dir (dtrain/main.py's
+    # default under Slurm, stable across requeues), where --resume auto finds last.pt.
     if [[ $mode == train ]]; then
-        # Stable across requeues: the requeued job finds its last.pt here.
-        if ! _dtrain_has_flag --output-dir "${args[@]}"; then
-            args+=(--output-dir "runs/${SLURM_JOB_NAME:-dtrain}-$job_key")
-        fi
         if ! _dtrain_has_flag --resume "${args[@]}"; then
             args+=(--resume auto)
         fi

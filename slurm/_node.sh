@@ -3,7 +3,7 @@
 # Per-node launcher, started once per node by slurm/_launch.sh through srun (not for direct use):
 #   bash slurm/_node.sh ENTRY ARGS...
 # Runs torchrun with GPUS_PER_NODE processes on this node (c10d rendezvous across the nodes of
-# the job) and relays SIGUSR1 and SIGTERM (SIGUSR2 stands for a SIGTERM the batch shell got) to
+# the job; a lost worker restarts the worker group, see launch/_common.sh) and relays SIGUSR1 and SIGTERM (SIGUSR2 stands for a SIGTERM the batch shell got) to
 # the worker processes: torchrun's agent does not forward SIGUSR1 (it would die of it), so it is
 # started with SIGUSR1/SIGUSR2 ignored and this script signals its children, the training
 # processes, directly. They set a flag, save at the next step boundary and exit 0, so torchrun
@@ -21,65 +21,31 @@ log() {
     printf '[dtrain %s %s] %s\n' "$(date +%H:%M:%S)" "${SLURMD_NODENAME:-$(hostname)}" "$*"
 }
 
-# Processes on this node: GPUS_PER_NODE, else the GPUs Slurm gave this step, else nvidia-smi's
-# count, else one CPU process (gloo).
-gpu_count() {
-    local n
-    if [[ -n ${SLURM_GPUS_ON_NODE:-} && ${SLURM_GPUS_ON_NODE} =~ ^[0-9]+$ ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
-        return
-    fi
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-        echo "${n:-0}"
-        return
-    fi
-    echo 0
-}
-
-gpus=$(gpu_count)
-if [[ -n ${GPUS_PER_NODE:-} ]]; then
-    if ! [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
-        echo "dtrain: GPUS_PER_NODE='$GPUS_PER_NODE' is not a positive number of processes per node" >&2
-        exit 2
-    fi
-    nproc=$GPUS_PER_NODE
-elif [[ $gpus -gt 0 ]]; then
-    nproc=$gpus
-else
-    nproc=1
+# shellcheck source-path=SCRIPTDIR source=../launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/_common.sh"
+dtrain_processes dtrain || exit 2
+if [[ $DTRAIN_ON_CPU == 1 ]]; then
     log "no GPU visible on this node: 1 CPU process (gloo). To use GPUs, submit with --gpus-per-node=N."
 fi
-
-# Threads per process: the CPUs Slurm gave this task (else those this process may use), shared.
-if [[ -z ${OMP_NUM_THREADS:-} ]]; then
-    cpus=${SLURM_CPUS_PER_TASK:-$(nproc 2>/dev/null || echo 1)}
-    threads=$((cpus / nproc))
-    export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
-fi
-
-python=${DTRAIN_PYTHON:-}
-if [[ -z $python ]]; then
-    if command -v python >/dev/null 2>&1; then python=python; else python=python3; fi
-fi
+dtrain_threads
 
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-launcher=("$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc" --max-restarts=0)
-if [[ $nnodes -eq 1 ]]; then
-    launcher+=(--standalone)
-else
+rendezvous=(--standalone)
+if [[ $nnodes -gt 1 ]]; then
     # The node named first in the allocation hosts the rendezvous store; saying so explicitly
     # avoids torch's guess from hostnames and addresses.
-    launcher+=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
+    rendezvous=(--rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"
         --rdzv-id="${DTRAIN_RDZV_ID:-$SLURM_JOB_ID}")
     if [[ ${SLURMD_NODENAME:-} == "$MASTER_ADDR" ]]; then
-        launcher+=(--rdzv-conf=is_host=1)
+        rendezvous+=(--rdzv-conf=is_host=1)
     elif [[ ${DTRAIN_FIRST_HOST:-} == "$MASTER_ADDR" ]]; then
-        launcher+=(--rdzv-conf=is_host=0)
+        rendezvous+=(--rdzv-conf=is_host=0)
     fi
 fi
+dtrain_torchrun "$nnodes" "${rendezvous[@]}"
+launcher=("${DTRAIN_LAUNCHER[@]}")
 
-log "$nproc process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS: ${launcher[*]} $entry ..."
+log "$DTRAIN_NPROC process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS: ${launcher[*]} $entry ..."
 
 # The launcher and (by inheritance) its workers start with SIGUSR1/SIGUSR2 ignored: a signal
 # Slurm delivers to the whole step (it signals every process of a task) must not kill torchrun,

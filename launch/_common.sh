@@ -1,0 +1,82 @@
+# shellcheck shell=bash disable=SC2034  # DTRAIN_* variables are set for the scripts that source this
+# What launch/torchrun.sh and slurm/_node.sh share (sourced, not run): how many processes this
+# machine runs, their threads, the Python interpreter and the torchrun command line.
+#
+# Environment a user may set:
+#   GPUS_PER_NODE     processes on this machine (default: the GPUs Slurm gave this step, else
+#                     nvidia-smi's count, else 1 CPU process)
+#   OMP_NUM_THREADS   threads per process (default: Slurm's CPUs per task, else this machine's
+#                     CPUs, divided by the processes)
+#   DTRAIN_PYTHON     Python interpreter (default: python, else python3)
+#   TORCHRUN_ARGS     extra torchrun options, after the defaults, so they win
+#                     (e.g. TORCHRUN_ARGS="--max-restarts 0" to stop at the first lost worker)
+
+# Worker group restarts after a lost worker (torchrun --max-restarts); the restarted group
+# continues from last.pt.
+DTRAIN_MAX_RESTARTS=3
+
+# GPUs here: Slurm's count for this step, else nvidia-smi's, else 0.
+dtrain_gpu_count() {
+    local n
+    if [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+        return
+    fi
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        echo "${n:-0}"
+        return
+    fi
+    echo 0
+}
+
+# dtrain_processes NAME: sets DTRAIN_NPROC (processes on this machine) and DTRAIN_ON_CPU (1 when
+# no GPU was found: one CPU process, for the caller to say so). A bad GPUS_PER_NODE: one line on
+# stderr, prefixed with NAME, and status 2.
+dtrain_processes() {
+    DTRAIN_ON_CPU=0
+    if [[ -n ${GPUS_PER_NODE:-} ]]; then
+        if ! [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+            echo "$1: GPUS_PER_NODE='$GPUS_PER_NODE' is not a positive number of processes per node" >&2
+            return 2
+        fi
+        DTRAIN_NPROC=$GPUS_PER_NODE
+        return 0
+    fi
+    DTRAIN_NPROC=$(dtrain_gpu_count)
+    if [[ $DTRAIN_NPROC -eq 0 ]]; then
+        DTRAIN_NPROC=1
+        DTRAIN_ON_CPU=1
+    fi
+}
+
+# Exports OMP_NUM_THREADS, unless set: the CPUs of this task shared by DTRAIN_NPROC processes.
+dtrain_threads() {
+    local cpus threads
+    if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+        cpus=${SLURM_CPUS_PER_TASK:-$(nproc 2>/dev/null || echo 1)}
+        threads=$((cpus / DTRAIN_NPROC))
+        export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
+    fi
+}
+
+# dtrain_torchrun NNODES RENDEZVOUS_OPTIONS...: sets the array DTRAIN_LAUNCHER, torchrun with
+# DTRAIN_NPROC processes on this node, restarts on a lost worker, then TORCHRUN_ARGS.
+dtrain_torchrun() {
+    local nnodes=$1 python=${DTRAIN_PYTHON:-}
+    shift
+    if [[ -z $python ]]; then
+        if command -v python >/dev/null 2>&1; then python=python; else python=python3; fi
+    fi
+    # torchrun's agent hosts one TCP store for all the restarts of a worker group, and the workers'
+    # process group keys in it (gloo's peer addresses, NCCL's unique id) carry no restart number:
+    # a restarted worker can read its peer's address from before the restart and fail ("Gloo
+    # connectFullMesh failed") or hang connecting to it (pytorch/pytorch#135712). Without the
+    # shared store every restart bootstraps from a fresh one.
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+    local extra=()
+    # shellcheck disable=SC2206  # TORCHRUN_ARGS is a list of options, split on purpose
+    extra=(${TORCHRUN_ARGS:-})
+    DTRAIN_LAUNCHER=("$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$DTRAIN_NPROC"
+        --max-restarts="$DTRAIN_MAX_RESTARTS" "$@" "${extra[@]}")
+}
