@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,31 @@ def test_term_to_batch_shell_saves_without_requeue(slurm_cluster, train_args, tm
     assert len(stops) == 1 and int(stops[0][0]) == signal.SIGTERM, text
     assert "requeueing" not in text and "done:" not in text
     assert (out / "last.pt").is_file()
+
+
+@pytest.mark.slurm
+def test_array_tasks_default_to_runs_job_name_array_id_task(slurm_cluster, train_args, tmp_path):
+    """Without --output-dir, each task of an array job writes to runs/<job name>-<array job id>_<task>
+    (dtrain/main.py's default under Slurm, the folder a requeued task resumes from)."""
+    cluster, name = slurm_cluster, f"dtrain-t{os.getpid()}"
+    log = tmp_path / "job-%a.log"
+    r = cluster.run(["sbatch", "--parsable", "--job-name", name, "--array=3-4", "--nodes", "1", "--output", str(log),
+                     "slurm/cifar.sh", *train_args, "--epochs", "1"], cwd=REPO, env=job_env(cluster))
+    assert r.returncode == 0, r.stderr
+    array_id = r.stdout.strip().split(";")[0]
+    dirs = [REPO / "runs" / f"{name}-{array_id}_{task}" for task in (3, 4)]
+    try:
+        for task, run_dir in zip((3, 4), dirs):
+            task_log = tmp_path / f"job-{task}.log"
+            state = wait_job(cluster, f"{array_id}_{task}", task_log, timeout=120)
+            assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", failure(
+                cluster, f"{array_id}_{task}", task_log, "the array task did not complete")
+            assert f"output: runs/{name}-{array_id}_{task}" in read(task_log), read(task_log)
+            assert (run_dir / "last.pt").is_file() and len(metrics(run_dir)) == 1, sorted(os.listdir(REPO / "runs"))
+        assert state["JobId"] != array_id          # the second task has a job id of its own
+    finally:
+        for run_dir in dirs:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.mark.slurm

@@ -1,0 +1,118 @@
+"""A lost worker: launch/torchrun.sh (and the Slurm node launcher) restart the worker group, which
+continues from last.pt. Real processes, real kill -9, on the CPU (gloo)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, env, metrics
+
+ROUNDS, EPOCHS = 3, 8
+ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "256", "--batch-size", "32", "--no-wandb",
+        "--epochs", str(EPOCHS), "--seed", "0", "--resume", "auto"]
+RESUMED = re.compile(r"resumed from .*last\.pt at epoch (\d+)")
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+def saved_epochs(out: Path) -> int:
+    """Epochs in metrics.jsonl once last.pt has been written after the newest row (0 before that)."""
+    rows, last = out / "metrics.jsonl", out / "last.pt"
+    try:
+        if last.stat().st_mtime_ns < rows.stat().st_mtime_ns:
+            return 0
+        return len(rows.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def fake_python(tmp_path: Path) -> Path:
+    """A stand-in interpreter that prints what the launcher asked it to run, and a setting it exported."""
+    path = tmp_path / "python"
+    path.write_text('#!/bin/sh\necho "SHARE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE ARGS=$*"\n')
+    path.chmod(0o755)
+    return path
+
+
+def launcher_args(cmd: list[str], tmp_path: Path, **extra) -> list[str]:
+    e = env(DTRAIN_PYTHON=fake_python(tmp_path), GPUS_PER_NODE=2, SLURM_JOB_ID=7, MASTER_ADDR="n1", MASTER_PORT=20007,
+            **extra)
+    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SHARE=1 " in r.stdout, r.stdout        # every restart bootstraps from a fresh store
+    return r.stdout.split("ARGS=")[1].split()
+
+
+@pytest.mark.parametrize("cmd", [["bash", "launch/torchrun.sh"], ["bash", "slurm/_node.sh", "dtrain/main.py"]])
+def test_launchers_restart_lost_workers_and_honour_torchrun_args(cmd, tmp_path):
+    for nodes in ("1", "2"):
+        args = launcher_args([*cmd, "--arch", "cnn"], tmp_path, SLURM_JOB_NUM_NODES=nodes)
+        assert "--max-restarts=3" in args, args
+        if cmd[1] == "launch/torchrun.sh":
+            break
+    args = launcher_args([*cmd, "--arch", "cnn"], tmp_path, SLURM_JOB_NUM_NODES="2",
+                         TORCHRUN_ARGS="--max-restarts 0 --monitor-interval 1")
+    # The user's options come after the defaults, so torchrun takes theirs.
+    i = args.index("--max-restarts")
+    assert args[i:i + 4] == ["--max-restarts", "0", "--monitor-interval", "1"], args
+    assert args.index("--max-restarts=3") < i
+    assert args[-2:] == ["--arch", "cnn"]
+
+
+@pytest.mark.slow
+def test_torchrun_sh_recovers_from_a_lost_worker_every_time(tmp_path):
+    """kill -9 one of two workers, three times in one run: each time torchrun restarts the group, which
+    resumes from last.pt (not from scratch); the run finishes every epoch once and exits 0."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(["bash", "launch/torchrun.sh", *ARGS, "--output-dir", str(out)], cwd=REPO,
+                            env=env(GPUS_PER_NODE=2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    killed: list[tuple[int, int]] = []             # (pid, epochs recorded when it was killed)
+    try:
+        deadline = time.monotonic() + 240
+        while len(killed) < ROUNDS and proc.poll() is None and time.monotonic() < deadline:
+            done = saved_epochs(out)
+            workers = children(proc.pid)     # torchrun.sh execs torchrun: its children are the workers
+            # One more epoch recorded and saved since the last kill, by a group of two workers.
+            if done > len(killed) and len(workers) == 2 and not any(pid in workers for pid, _ in killed):
+                os.kill(workers[len(killed) % 2], signal.SIGKILL)
+                killed.append((workers[len(killed) % 2], done))
+            time.sleep(0.05)
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+    text = "".join(lines)
+    assert len(killed) == ROUNDS, f"killed {killed} before the run ended\n{text}"
+    assert rc == 0, f"exit status {rc}\n{text}"
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)), text
+    # Each restarted group resumed from last.pt at an epoch the run had reached (not from scratch).
+    resumed = [int(e) for e in RESUMED.findall(text)]
+    assert len(resumed) == ROUNDS, text
+    assert all(e > done for e, (_, done) in zip(resumed, killed)), (resumed, killed, text)
+    assert text.count("Gloo connectFullMesh failed") == 0, text
