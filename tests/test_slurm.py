@@ -20,6 +20,7 @@ import pytest
 
 from cluster.slurm_cluster import NODES
 from helpers import write_cifar
+from test_restart import saved_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,6 +211,44 @@ def test_term_to_batch_shell_saves_without_requeue(slurm_cluster, train_args, tm
     assert (out / "last.pt").is_file()
 
 
+def job_workers(job_id: str) -> dict[int, int]:
+    """{rank: pid} of the job's training processes (torchrun's workers), on every node."""
+    found = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            pairs = dict(v.partition("=")[::2] for v in environ.read_bytes().decode(errors="replace").split("\0"))
+        except OSError:
+            continue
+        if pairs.get("SLURM_JOB_ID") == job_id and "TORCHELASTIC_RESTART_COUNT" in pairs and "RANK" in pairs:
+            found[int(pairs["RANK"])] = int(environ.parent.name)
+    return found
+
+
+@pytest.mark.slurm
+def test_lost_worker_restarts_the_group_which_resumes(slurm_cluster, train_args, tmp_path):
+    """kill -9 the training process on the second node: torchrun restarts the worker group on both
+    nodes, which continues from last.pt; the job completes with every epoch recorded once."""
+    cluster, epochs = slurm_cluster, EPOCHS + 1
+    log, out = tmp_path / "job.log", tmp_path / "run"
+    job_id = submit(cluster, log, [*train_args, "--epochs", str(epochs), "--output-dir", str(out)])
+    deadline, killed = time.monotonic() + 120, None
+    while killed is None and time.monotonic() < deadline:
+        workers = job_workers(job_id)
+        if saved_epochs(out) >= 1 and 1 in workers:
+            os.kill(workers[1], signal.SIGKILL)
+            killed = workers[1]
+        elif cluster.job_state(job_id).get("JobState") in TERMINAL:
+            break
+        time.sleep(0.1)
+    assert killed, failure(cluster, job_id, log, "the job ended before a worker could be killed")
+    state = wait_job(cluster, job_id, log, timeout=180)
+    text = read(log)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "0", failure(
+        cluster, job_id, log, "the job did not recover from the lost worker")
+    assert re.search(r"resumed from .*last\.pt at epoch [2-9]", text), text
+    assert [r["epoch"] for r in metrics(out)] == list(range(1, epochs + 1)), text
+
+
 @pytest.mark.slurm
 def test_array_tasks_default_to_runs_job_name_array_id_task(slurm_cluster, train_args, tmp_path):
     """Without --output-dir, each task of an array job writes to runs/<job name>-<array job id>_<task>
@@ -221,6 +260,7 @@ def test_array_tasks_default_to_runs_job_name_array_id_task(slurm_cluster, train
     assert r.returncode == 0, r.stderr
     array_id = r.stdout.strip().split(";")[0]
     dirs = [REPO / "runs" / f"{name}-{array_id}_{task}" for task in (3, 4)]
+    job_ids = set()
     try:
         for task, run_dir in zip((3, 4), dirs):
             task_log = tmp_path / f"job-{task}.log"
@@ -229,7 +269,8 @@ def test_array_tasks_default_to_runs_job_name_array_id_task(slurm_cluster, train
                 cluster, f"{array_id}_{task}", task_log, "the array task did not complete")
             assert f"output: runs/{name}-{array_id}_{task}" in read(task_log), read(task_log)
             assert (run_dir / "last.pt").is_file() and len(metrics(run_dir)) == 1, sorted(os.listdir(REPO / "runs"))
-        assert state["JobId"] != array_id          # the second task has a job id of its own
+            job_ids.add(state["JobId"])
+        assert len(job_ids) == 2                   # a task's own job id differs from the array's
     finally:
         for run_dir in dirs:
             shutil.rmtree(run_dir, ignore_errors=True)
