@@ -5,8 +5,8 @@
 #
 # Every argument goes to dtrain/main.py. Processes: GPUS_PER_NODE if set, else nvidia-smi's GPU
 # count, else 1 (CPU). OMP_NUM_THREADS defaults to this machine's CPUs / processes. A lost worker
-# (killed, crashed) restarts the worker group, up to 3 times; pass --resume auto so the restarted
-# group continues from last.pt. Extra torchrun options go in TORCHRUN_ARGS
+# (killed, crashed) restarts the worker group, up to 3 times, and the restarted group continues
+# from the run's last.pt. Extra torchrun options go in TORCHRUN_ARGS
 # (e.g. TORCHRUN_ARGS="--master-port 29600" or "--max-restarts 0"); see launch/_common.sh.
 set -euo pipefail
 
