@@ -19,16 +19,9 @@ first and renamed into place, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script file: import the package, not this file's neighbours
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-    sys.path.insert(0, _root)
-
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 

@@ -22,14 +22,6 @@ per epoch for each group: the mean as a line, min..max as a band).
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script file: import the package, not this file's neighbours
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-    sys.path.insert(0, _root)
-
 import argparse
 import csv
 import io

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import MAIN, REPO, env, launch, train, write_cifar
+from helpers import REPO, env, launch, train, write_cifar
 
 PREDICT = str(REPO / "dtrain" / "predict.py")
 
@@ -66,6 +66,7 @@ def test_safetensors_holds_the_ema_weights_and_predicts_like_the_checkpoint(trai
     assert torch.equal(got.argmax(1), want.argmax(1))
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="needs dtrain.checkpoint.load_checkpoint to read .safetensors "
                                        "through dtrain.export.load_safetensors (integration); then drop this mark")
 def test_predict_reads_the_safetensors_like_the_checkpoint(trained, tmp_path):
@@ -100,6 +101,7 @@ def test_onnx_agrees_with_torch_on_generated_images_at_any_batch_size(trained, t
         assert (got.argmax(1) == want[: len(batch)].argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_onnx_gives_the_top1_of_dtrain_predict_on_real_images(trained, shared_data, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
