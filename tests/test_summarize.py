@@ -131,3 +131,9 @@ def test_errors_are_one_line(tmp_path):
     r = summarize([tmp_path / "empty"], tmp_path / "out")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no dtrain runs" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_is_one_line(real_run, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = summarize([real_run[0]], tmp_path / "file" / "out")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write the summary" in r.stderr
