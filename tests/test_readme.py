@@ -111,3 +111,13 @@ def test_relative_links_point_to_existing_files_and_anchors(page):
         assert dest.exists(), f"{rel(page)}: link {target!r} points to a missing file"
         if anchor:
             assert anchor in anchors(dest), f"{rel(page)}: link {target!r}: no such heading in {dest.name}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_every_table_row_has_one_cell_per_column(page):
+    """An unescaped | (e.g. in `a|b` inside a cell) splits a cell and shifts the rest of the row."""
+    body = re.sub(r"```.*?```", "", text(page), flags=re.S)
+    for table in re.findall(r"(?:^\|.*\n)+", body, re.M):
+        rows = table.splitlines()
+        widths = {len(re.findall(r"(?<!\\)\|", row)) for row in rows}
+        assert len(widths) == 1, f"{rel(page)}: a table's rows have different numbers of cells:\n{table}"
