@@ -53,6 +53,13 @@ def process_batch_sizes(accelerator: Accelerator, batch_size: int, eval_batch_si
     return per_process, -(-eval_batch_size // world)
 
 
+def check_sync_bn(accelerator: Accelerator, sync_bn: bool) -> None:
+    from dtrain.errors import UserError
+    if sync_bn and accelerator.device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop the flag "
+                        "on the CPU")
+
+
 def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch.Tensor):
     """Per-sample results of every process, in dataset order, each sample once.
 
