@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and not __package__:
-    # Run as a file: `import dtrain` must find this file's own checkout, not another installed copy.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__" and sys.path[0] == _HERE:
+    # Run as a file, Python put dtrain/ first on sys.path: its config.py, data/, models/... would shadow
+    # installed modules of those names, and `import dtrain` could find another installed copy. Put this
+    # checkout's root there instead.
+    sys.path[0] = os.path.dirname(_HERE)
 
 import json
 import time

@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dtrain import cli
 from dtrain.checkpoint import load_checkpoint
@@ -46,11 +48,17 @@ def test_cli_main_function(capsys):
     assert e.value.code == 2
 
 
-def test_python_m_dtrain_train_writes_a_run(tmp_path):
+def test_python_m_dtrain_train_then_predict(tmp_path):
     out = tmp_path / "run"
     r = run([sys.executable, "-m", "dtrain", "train", *FAKE, "--output-dir", str(out)])
     assert "world size 1" in r.stdout
     assert_one_run(out, r.stdout)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    r = run([sys.executable, "-m", "dtrain", "predict", "--checkpoint", str(out / "best.pt"), "--image",
+             str(tmp_path / "a.png"), "--top-k", "3"])
+    lines = r.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith("a.png"))
+    assert all(line.split()[0].endswith("%") for line in lines[at + 1: at + 4]), r.stdout
 
 
 def test_python_m_dtrain_reports_a_user_error_in_one_line(tmp_path):
