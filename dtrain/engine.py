@@ -195,6 +195,9 @@ def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bo
 
 
 class Trainer:
+    """`Trainer(cfg, accelerator, parts, output_dir, reporters, stop).fit()`; checkpoint.restore_training
+    puts it back at a saved position before `fit`."""
+
     def __init__(self, cfg, accelerator, parts: TrainParts, output_dir: Path, reporters, stop):
         self.cfg, self.acc = cfg, accelerator
         self.model, self.raw, self.opt = parts.model, parts.raw, parts.optimizer
