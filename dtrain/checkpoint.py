@@ -1,8 +1,20 @@
-"""Checkpoints: written atomically, read as untrusted input.
+"""The checkpoint format, in one place: written atomically, read as untrusted input.
 
 A checkpoint is a plain dict of tensors and primitive values, so `torch.load(weights_only=True)` reads it.
-It holds what inference needs to rebuild the model alone (arch, its arguments, classes, normalisation,
-input size) plus the training state (optimiser, scheduler, scaler, position, RNG states).
+`load_checkpoint` returns that dict; its keys:
+
+    format, version     "dtrain", VERSION (a file without a version is version 0 and loads; a newer one
+                        is refused)
+  what inference needs to rebuild the model alone (`model_meta` builds it; MODEL_KEYS must be present):
+    arch, arch_args     the --arch and its builder options (dtrain.models.build_model)
+    num_classes, classes, in_channels, image_size, mean, std   the data it was trained on
+    config              the run's Config as a dict
+    model               the weights to deploy (the EMA average when --ema), a state dict
+  the training position (`training_state` writes it, `restore_training` reads it back):
+    optimizer, scheduler, scaler, epoch, step, batch_in_epoch, best_acc, epoch_seconds
+    epoch_sums          the epoch under way's [loss sum, correct, count] over all processes
+    rng                 torch (and CUDA) RNG states
+    train_model, ema_n  with --ema only: the trained (not averaged) weights and the average's count
 """
 from __future__ import annotations
 
@@ -67,6 +79,48 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if missing:
         raise UserError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
+
+
+def model_meta(cfg, arch_args: dict, classes, in_channels: int, image_size: int, mean, std) -> dict:
+    """The part of a checkpoint that inference needs besides the weights."""
+    return {"arch": cfg.arch, "arch_args": dict(arch_args), "num_classes": len(classes), "in_channels": in_channels,
+            "image_size": image_size, "classes": list(classes), "mean": list(mean), "std": list(std),
+            "config": cfg.to_dict()}
+
+
+def training_state(trainer) -> dict:
+    """The training position of an engine.Trainer (its raw model, ema, optimiser, schedule, state)."""
+    s, ema = trainer.state, trainer.ema
+    scaler = trainer.acc.scaler
+    state = {"model": (ema.module if ema is not None else trainer.raw).state_dict(),
+             "optimizer": trainer.opt.state_dict(), "scheduler": trainer.schedule.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "epoch": s.epoch, "step": s.step, "batch_in_epoch": s.batch_in_epoch, "best_acc": s.best_acc,
+             "epoch_sums": s.meter.to_list(), "epoch_seconds": s.epoch_seconds, "rng": rng_state()}
+    if ema is not None:
+        state["train_model"] = trainer.raw.state_dict()
+        state["ema_n"] = int(ema.n_averaged.item())
+    return state
+
+
+def restore_training(trainer, ckpt: dict) -> None:
+    """Put a Trainer back at the position `training_state` saved."""
+    trainer.raw.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
+    if trainer.ema is not None:
+        trainer.ema.module.load_state_dict(ckpt["model"])
+        trainer.ema.load_count(ckpt.get("ema_n", 1))
+    trainer.opt.load_state_dict(ckpt["optimizer"])
+    trainer.schedule.load_state_dict(ckpt["scheduler"])
+    scaler = trainer.acc.scaler
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    s = trainer.state
+    s.epoch, s.step, s.batch_in_epoch, s.best_acc = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best_acc"]
+    s.epoch_seconds = ckpt.get("epoch_seconds", 0.0)
+    if s.batch_in_epoch and trainer.acc.is_main_process:  # the partial epoch's sums: held by one process
+        s.meter.load(ckpt["epoch_sums"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
 
 
 def rng_state() -> dict:

@@ -11,8 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 
-def make_accelerator(precision: str | None = None, grad_accum: int = 1, static_graph: bool = False,
-                     bucket_cap_mb: int = 25) -> Accelerator:
+def make_accelerator(precision: str | None = None) -> Accelerator:
     """The Accelerator with the DDP settings for speed.
 
     gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out of them).
@@ -22,12 +21,9 @@ def make_accelerator(precision: str | None = None, grad_accum: int = 1, static_g
     find_unused_parameters off: every model here uses all its trainable parameters in every training
       forward (frozen ones, e.g. airbench's whitening, have requires_grad=False and are not reduced),
       so DDP needs no graph traversal per step.
-    static_graph off by default: with find_unused_parameters off and every parameter used it brings no
-      speed, and it is wrong with gradient accumulation (DDP.no_sync; pytorch #143580,
-      accelerate #3679: an assertion or silently unreduced gradients), so it is forced off when
-      grad_accum > 1. It would be invalid for a model whose set of used parameters changes from step to
-      step (layer drop); googlenet's auxiliary heads run in every training step and evaluation runs
-      without gradients, so that one would be static.
+    static_graph off: with find_unused_parameters off and every parameter used it brings no speed, and it
+      is wrong with gradient accumulation (DDP.no_sync; pytorch #143580, accelerate #3679: an assertion or
+      silently unreduced gradients).
     broadcast_buffers: BatchNorm running statistics stay those of rank 0 (one small broadcast per step).
     cudnn.benchmark on CUDA: input shapes are fixed, so the autotuned convolution algorithms are reused.
     """
@@ -35,19 +31,33 @@ def make_accelerator(precision: str | None = None, grad_accum: int = 1, static_g
         torch.backends.cudnn.benchmark = True
     # precision None: accelerate takes it from its config file / launcher flags / environment
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                       kwargs_handlers=[ddp_kwargs(grad_accum, static_graph, bucket_cap_mb)],
-                       step_scheduler_with_optimizer=False)
+                       kwargs_handlers=[ddp_kwargs()], step_scheduler_with_optimizer=False)
 
 
-def ddp_kwargs(grad_accum: int = 1, static_graph: bool = False, bucket_cap_mb: int = 25) -> DistributedDataParallelKwargs:
+def ddp_kwargs() -> DistributedDataParallelKwargs:
     """The DDP settings `make_accelerator` uses (see there)."""
-    return DistributedDataParallelKwargs(
-        gradient_as_bucket_view=True,
-        bucket_cap_mb=bucket_cap_mb,
-        broadcast_buffers=True,
-        find_unused_parameters=False,
-        static_graph=bool(static_graph) and grad_accum == 1,
-    )
+    return DistributedDataParallelKwargs(gradient_as_bucket_view=True, bucket_cap_mb=25, broadcast_buffers=True,
+                                         find_unused_parameters=False, static_graph=False)
+
+
+def process_batch_sizes(accelerator: Accelerator, batch_size: int, eval_batch_size: int,
+                        grad_accum: int) -> tuple[int, int]:
+    """Per-process (training, evaluation) batch sizes for global ones: the training batch divides evenly
+    over processes x accumulation steps (a UserError otherwise), the evaluation batch is rounded up."""
+    from dtrain.errors import UserError
+    world = accelerator.num_processes
+    per_process, rem = divmod(batch_size, world * grad_accum)
+    if rem or per_process == 0:
+        raise UserError(f"--batch-size {batch_size} is the global batch: it must divide evenly over "
+                        f"{world} processes x {grad_accum} accumulation steps")
+    return per_process, -(-eval_batch_size // world)
+
+
+def check_sync_bn(accelerator: Accelerator, sync_bn: bool) -> None:
+    from dtrain.errors import UserError
+    if sync_bn and accelerator.device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop the flag "
+                        "on the CPU")
 
 
 def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch.Tensor):

@@ -13,14 +13,58 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dtrain.checkpoint import atomic_write, rng_state, save_checkpoint, set_rng_state
+from torch import nn
+
+from dtrain.checkpoint import atomic_write, save_checkpoint, training_state
 from dtrain.data.augment import BatchRNG
 from dtrain.distributed import gather_samples
 from dtrain.ema import WeightAverage
-from dtrain.optim import LRSchedule
+from dtrain.models import training_loss
+from dtrain.optim import LRSchedule, ScheduleSpec
+
+
+class EpochMeter:
+    """Training loss sum, correct predictions and sample count of the epoch under way, as one float64
+    tensor on the device (adding a batch never waits for the device)."""
+
+    def __init__(self, device="cpu", values=(0.0, 0.0, 0.0)):
+        self.sums = torch.tensor(list(values), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        # torch.full, not torch.tensor: a blocking host-to-device copy would sync every step
+        self.sums += torch.stack([loss.double() * n, correct.double(),
+                                  torch.full((), float(n), device=self.sums.device, dtype=torch.float64)])
+
+    def to(self, device) -> "EpochMeter":
+        return EpochMeter(device, self.to_list())
+
+    def reduced(self, accelerator) -> "EpochMeter":
+        """The sums over all processes."""
+        return EpochMeter(self.sums.device, accelerator.reduce(self.sums, reduction="sum").tolist())
+
+    def to_list(self) -> list[float]:
+        return [float(v) for v in self.sums.tolist()]
+
+    def load(self, values) -> None:
+        self.sums = torch.tensor(list(values), dtype=torch.float64, device=self.sums.device)
+
+    @property
+    def count(self) -> int:
+        return int(self.sums[2].item())
+
+    @property
+    def mean_loss(self) -> float:
+        loss, _, count = self.to_list()
+        return loss / max(count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        _, correct, count = self.to_list()
+        return correct / max(count, 1)
 
 
 @dataclass
@@ -29,8 +73,49 @@ class TrainState:
     step: int = 0               # optimiser steps taken
     batch_in_epoch: int = 0     # batches done in the epoch under way (mid-epoch resume)
     best_acc: float | None = None
-    epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this process: loss sum, correct, count
+    meter: EpochMeter = field(default_factory=EpochMeter)  # this process's sums for the epoch under way
     epoch_seconds: float = 0.0
+
+
+@dataclass
+class TrainParts:
+    """What a Trainer trains, built by the caller (dtrain.main.build_model and build_data)."""
+    model: nn.Module            # the module the forward pass runs: under DDP / torch.compile wrappers
+    raw: nn.Module              # the module beneath the wrappers (the same parameters): EMA, checkpoints, hooks
+    optimizer: torch.optim.Optimizer
+    train_loader: Any           # .batches(epoch, start) -> (x, y, index); len(); .batch_size
+    val_loader: Any
+    train_pipe: Any             # device-side augmentation + normalisation: pipe(x, generator)
+    eval_pipe: Any
+    val_labels: torch.Tensor
+    meta: dict                  # checkpoint.model_meta: saved in every checkpoint
+
+
+class Clock:
+    """The timers of a fit: its start, the first optimiser step, and the window of the last log line."""
+
+    def __init__(self):
+        self.start = self.window_start = time.perf_counter()
+        self.window_images = 0
+        self.first_step_seconds = None
+        self.warmup_seconds = None   # fit start to the end of the first optimiser step (compile included)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def first_step_done(self, step_started: float) -> None:
+        now = time.perf_counter()
+        self.first_step_seconds, self.warmup_seconds = now - step_started, now - self.start
+
+    def images_per_second(self, processes: int) -> float:
+        """Over every process, since the previous call (or the epoch's start); starts a new window."""
+        now = time.perf_counter()
+        rate = self.window_images * processes / (now - self.window_start)
+        self.window_start, self.window_images = now, 0
+        return rate
+
+    def new_window(self) -> None:
+        self.window_start, self.window_images = time.perf_counter(), 0
 
 
 @dataclass
@@ -40,7 +125,6 @@ class Evaluation:
     index: torch.Tensor     # dataset indices, sorted
     preds: torch.Tensor
     targets: torch.Tensor
-    logits: torch.Tensor
 
     def confusion(self, num_classes: int) -> torch.Tensor:
         """rows: true class, columns: predicted class."""
@@ -48,16 +132,15 @@ class Evaluation:
                               minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
-def split_output(out):
-    """A model returns logits, or in training (logits, [(weight, aux_logits), ...])."""
-    if isinstance(out, tuple):
-        return out[0], out[1]
-    return out, ()
-
-
 def eager(model):
     """The module under a torch.compile wrapper (the same parameters), or the model itself."""
     return getattr(model, "_orig_mod", model)
+
+
+def for_batch(model, n: int, full: int | None):
+    """The module to run a batch of `n` on: a compiled model keeps the shape of a full batch, so a shorter
+    one (an epoch's last) runs on the eager module beneath it rather than compiling a second graph."""
+    return model if full is None or n == full else eager(model)
 
 
 def tta_logits(model, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
@@ -85,19 +168,14 @@ def eval_logits(model, x: torch.Tensor, tta: bool = False, tta_shift: int = 0) -
 
 @torch.no_grad()
 def predict(model, loader, pipeline, accelerator, tta: bool = False, tta_shift: int = 0):
-    """Logits for every item of `loader` (an evaluation shard per process), gathered: (index, logits).
-
-    A batch smaller than the loader's batch size (the last one) runs on the eager module under a
-    torch.compile wrapper, so a compiled model is never recompiled for it.
-    """
+    """Logits for every item of `loader` (an evaluation shard per process), gathered: (index, logits)."""
     model.eval()
     idx_parts, logit_parts = [], []
     full = getattr(loader, "batch_size", None)
     for x, _, idx in loader.batches():
         x = pipeline(x)
-        m = model if full is None or len(x) == full else eager(model)
         with accelerator.autocast():
-            logits = eval_logits(m, x, tta, tta_shift)
+            logits = eval_logits(for_batch(model, len(x), full), x, tta, tta_shift)
         idx_parts.append(idx)
         logit_parts.append(logits)
     device = accelerator.device
@@ -113,84 +191,49 @@ def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bo
     loss = F.cross_entropy(logits, targets).item() if len(index) else float("nan")
     preds = logits.argmax(1)
     acc = (preds == targets).float().mean().item() if len(index) else float("nan")
-    return Evaluation(loss, acc, index, preds, targets, logits)
+    return Evaluation(loss, acc, index, preds, targets)
 
 
 class Trainer:
-    def __init__(self, cfg, accelerator, model, raw_model, optimizer, train_loader, val_loader,
-                 train_pipeline, eval_pipeline, val_labels, meta: dict, output_dir: Path, reporters, stop):
+    """`Trainer(cfg, accelerator, parts, output_dir, reporters, stop).fit()`; checkpoint.restore_training
+    puts it back at a saved position before `fit`."""
+
+    def __init__(self, cfg, accelerator, parts: TrainParts, output_dir: Path, reporters, stop):
         self.cfg, self.acc = cfg, accelerator
-        self.model, self.raw = model, raw_model          # raw: the module before DDP/compile (same parameters)
-        self.opt = optimizer
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.train_pipe, self.eval_pipe = train_pipeline, eval_pipeline
-        self.val_labels = val_labels
-        self.meta, self.out, self.report, self.stop = meta, Path(output_dir), reporters, stop
+        self.model, self.raw, self.opt = parts.model, parts.raw, parts.optimizer
+        self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
+        self.train_pipe, self.eval_pipe = parts.train_pipe, parts.eval_pipe
+        self.val_labels, self.meta = parts.val_labels, parts.meta
+        self.out, self.report, self.stop = Path(output_dir), reporters, stop
         self.state = TrainState()
-        self.ema = None
-        if cfg.ema:
-            self.ema = WeightAverage(raw_model, cfg.ema, cfg.lookahead)
+        self.ema = WeightAverage(self.raw, cfg.ema, cfg.lookahead) if cfg.ema else None
         self.rng = BatchRNG(accelerator.device, cfg.seed, accelerator.process_index)
-        self.compiled = eager(model) is not model
-        self.steps_per_epoch = -(-len(train_loader) // cfg.grad_accum)
+        self.compiled = eager(self.model) is not self.model
+        self.steps_per_epoch = -(-len(self.train_loader) // cfg.grad_accum)
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-        self.schedule = LRSchedule(optimizer, cfg, self.steps_per_epoch, self.total_steps)
+        self.schedule = LRSchedule(self.opt, ScheduleSpec.from_config(cfg), self.steps_per_epoch, self.total_steps)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.first_step_seconds = None
-        self.warmup_seconds = None     # fit start to the end of the first optimiser step (compile included)
+        self.clock = Clock()
 
-    # ---- checkpoints -------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
-        s = self.state
-        deploy = self.ema.module if self.ema is not None else self.raw
-        state = {**self.meta, "model": deploy.state_dict(),
-                 "optimizer": self.opt.state_dict(), "scheduler": self.schedule.state_dict(),
-                 "scaler": self.acc.scaler.state_dict() if self.acc.scaler is not None else None,
-                 "epoch": s.epoch, "step": s.step, "batch_in_epoch": s.batch_in_epoch, "best_acc": s.best_acc,
-                 "epoch_sums": [float(v) for v in s.epoch_sums], "epoch_seconds": s.epoch_seconds,
-                 "rng": rng_state()}
-        if self.ema is not None:
-            state["train_model"] = self.raw.state_dict()
-            state["ema_n"] = int(self.ema.n_averaged.item())
-        return state
+    @property
+    def eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
 
     def save(self, best: bool = False) -> None:
         """Main process writes last.pt (and best.pt); every process calls this together."""
         if self.acc.is_main_process:
-            state = self.checkpoint_state()
-            save_checkpoint(self.out / "last.pt", state)
+            save_checkpoint(self.out / "last.pt", {**self.meta, **training_state(self)})
             if best:
                 atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(open(self.out / "last.pt", "rb"), f))
         self.acc.wait_for_everyone()
 
-    def restore(self, ckpt: dict) -> None:
-        self.raw.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(ckpt["model"])
-            self.ema.load_count(ckpt.get("ema_n", 1))
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.schedule.load_state_dict(ckpt["scheduler"])
-        if self.acc.scaler is not None and ckpt.get("scaler"):
-            self.acc.scaler.load_state_dict(ckpt["scaler"])
-        s = self.state
-        s.epoch, s.step, s.batch_in_epoch, s.best_acc = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best_acc"]
-        s.epoch_seconds = ckpt.get("epoch_seconds", 0.0)
-        if s.batch_in_epoch:  # the partial epoch's sums over all processes: held by one, summed at epoch end
-            s.epoch_sums = list(ckpt["epoch_sums"]) if self.acc.is_main_process else [0.0, 0.0, 0.0]
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
-
-    # ---- the loop ----------------------------------------------------------------------------------
+    # ---- one step ----------------------------------------------------------------------------------
     def train_step(self, x, y, sync: bool):
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
-        # a compiled model keeps the shape of a full batch; the epoch's short last batch runs eagerly
-        model = self.model if not self.compiled or len(x) == self.train_loader.batch_size else eager(self.model)
+        model = for_batch(self.model, len(x), self.train_loader.batch_size)
         with ctx:
-            logits, aux = split_output(model(x))
-            loss = self.criterion(logits.float(), y)
-            for weight, aux_logits in aux:
-                loss = loss + weight * self.criterion(aux_logits.float(), y)
+            loss, logits = training_loss(self.raw, model(x), y, self.criterion)
             self.acc.backward(loss / self.cfg.grad_accum)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
@@ -204,15 +247,30 @@ class Trainer:
             self.ema.update_parameters(self.raw, (self.state.step + 1) / self.total_steps)
         self.state.step += 1
 
+    def end_accumulation(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float) -> int:
+        """The optimiser step after the last micro-batch of an accumulation, its timing and log line;
+        returns the stop signal asked for (0 for none)."""
+        s = self.state
+        self.optimizer_step()
+        s.batch_in_epoch = b + 1
+        if self.clock.first_step_seconds is None:  # one synchronisation per run, to time the warm-up
+            self._sync()
+            self.clock.first_step_done(batch_started)
+        if s.step % self.cfg.log_every == 0 or s.batch_in_epoch == nb:
+            self.report.step(s.step, {"loss": loss.item(), "lr": self.schedule.lr, "batch": b + 1,
+                                      "epoch": epoch + 1,
+                                      "images_per_second": self.clock.images_per_second(self.acc.num_processes)})
+        return self.stop.requested()
+
     @torch.no_grad()
     def warm_up_eval(self) -> None:
         """Compile the evaluation graph before the clock runs: one forward of a validation batch in eval
         mode, no gradients (no state changes: BatchNorm uses its running statistics)."""
-        model = self.ema.module if self.ema is not None else self.model
+        model = self.eval_model
         if eager(model) is model or not len(self.val_loader):
             return
         x = next(iter(self.val_loader.batches()))[0]
-        if len(x) == getattr(self.val_loader, "batch_size", len(x)):
+        if for_batch(model, len(x), getattr(self.val_loader, "batch_size", None)) is model:
             model.eval()
             with self.acc.autocast():
                 eval_logits(model, self.eval_pipe(x), self.cfg.tta, self.cfg.tta_shift)
@@ -222,83 +280,77 @@ class Trainer:
         if self.acc.device.type == "cuda":
             torch.cuda.synchronize(self.acc.device)
 
+    # ---- the loop ----------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, s, acc = self.cfg, self.state, self.acc
-        stopped_by = 0
-        t_start = self.t_fit = time.perf_counter()
-        last_eval = None
+        s = self.state
+        self.clock = Clock()
+        stopped_by, last_eval = 0, None
         if self.compiled:
             self.warm_up_eval()
-        while s.epoch < cfg.epochs and s.step < self.total_steps and not stopped_by:
-            epoch = s.epoch
-            nb = len(self.train_loader)
-            self.report.begin_epoch(epoch + 1, cfg.epochs, nb, s.batch_in_epoch)
-            self.model.train()
-            sums = torch.tensor(s.epoch_sums, device=acc.device, dtype=torch.float64)
-            t0, t_log, seen_log = time.perf_counter(), time.perf_counter(), 0
-            for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
-                t_step = time.perf_counter()
-                x = self.train_pipe(x, self.rng.batch(epoch, b))
-                sync = (b + 1) % cfg.grad_accum == 0 or b + 1 == nb
-                loss, correct = self.train_step(x, y, sync)
-                # torch.full, not torch.tensor: a blocking host-to-device copy would sync every step
-                sums += torch.stack([loss.double() * len(y), correct.double(),
-                                     torch.full((), float(len(y)), device=acc.device, dtype=torch.float64)])
-                seen_log += len(y)
-                if not sync:
-                    continue
-                self.optimizer_step()
-                s.batch_in_epoch = b + 1
-                if self.first_step_seconds is None:  # one synchronisation per run, to time the warm-up
-                    self._sync()
-                    self.first_step_seconds = time.perf_counter() - t_step
-                    self.warmup_seconds = time.perf_counter() - t_start
-                if s.step % cfg.log_every == 0 or s.batch_in_epoch == nb:
-                    now = time.perf_counter()
-                    self.report.step(s.step, {"loss": loss.item(), "lr": self.schedule.lr, "batch": b + 1,
-                                              "epoch": epoch + 1,
-                                              "images_per_second": seen_log * acc.num_processes / (now - t_log)})
-                    t_log, seen_log = now, 0
-                stopped_by = self.stop.requested()
-                if stopped_by or s.step >= self.total_steps:
-                    break
-            s.epoch_seconds += time.perf_counter() - t0
-            s.epoch_sums = sums.tolist()
-            if stopped_by:  # save the position mid-epoch and leave; --resume auto continues here
-                s.epoch_sums = acc.reduce(sums, reduction="sum").tolist()
-                self.report.end_epoch()
-                self.save()
-                self.report.message(f"stopped by signal {stopped_by} at step {s.step} (epoch {epoch + 1}, batch "
-                                    f"{s.batch_in_epoch}/{nb}); {self.out / 'last.pt'} saved, continue with "
-                                    f"--resume auto --output-dir {self.out}")
+        while s.epoch < self.cfg.epochs and s.step < self.total_steps:
+            stopped_by = self.train_epoch()
+            if stopped_by:
+                self.leave_on_signal(stopped_by)
                 break
-            last_eval = self.end_epoch(epoch, sums, finished=s.batch_in_epoch >= nb)
+            last_eval = self.end_epoch()
+        elapsed = self.clock.elapsed()
         summary = {"steps": s.step, "epochs": s.epoch, "best_acc": s.best_acc, "stopped_by_signal": stopped_by,
-                   "train_seconds": time.perf_counter() - t_start, "first_step_seconds": self.first_step_seconds,
-                   "warmup_seconds": self.warmup_seconds,
-                   "steady_seconds": time.perf_counter() - t_start - (self.warmup_seconds or 0.0),
-                   "output_dir": str(self.out)}
+                   "train_seconds": elapsed, "first_step_seconds": self.clock.first_step_seconds,
+                   "warmup_seconds": self.clock.warmup_seconds,
+                   "steady_seconds": elapsed - (self.clock.warmup_seconds or 0.0), "output_dir": str(self.out)}
         if not stopped_by:
             self.report.end(summary, last_eval)
         return summary
 
-    def end_epoch(self, epoch: int, sums: torch.Tensor, finished: bool) -> Evaluation | None:
-        cfg, s, acc = self.cfg, self.state, self.acc
-        total = acc.reduce(sums, reduction="sum").tolist()
+    def train_epoch(self) -> int:
+        """Train from the saved position to the end of the epoch, --max-steps or a stop signal (returned)."""
+        s, cfg, epoch, nb = self.state, self.cfg, self.state.epoch, len(self.train_loader)
+        self.report.begin_epoch(epoch + 1, cfg.epochs, nb, s.batch_in_epoch)
+        self.model.train()
+        meter = s.meter.to(self.acc.device)
+        stopped_by, t0 = 0, time.perf_counter()
+        self.clock.new_window()
+        for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
+            batch_started = time.perf_counter()
+            x = self.train_pipe(x, self.rng.batch(epoch, b))
+            sync = (b + 1) % cfg.grad_accum == 0 or b + 1 == nb
+            loss, correct = self.train_step(x, y, sync)
+            meter.add(loss, correct, len(y))
+            self.clock.window_images += len(y)
+            if sync:
+                stopped_by = self.end_accumulation(epoch, b, nb, loss, batch_started)
+                if stopped_by or s.step >= self.total_steps:
+                    break
+        s.epoch_seconds += time.perf_counter() - t0
+        s.meter = meter
+        return stopped_by
+
+    def leave_on_signal(self, signal: int) -> None:
+        """Save the position mid-epoch; --resume auto continues there."""
+        s = self.state
+        s.meter = s.meter.reduced(self.acc)
+        self.report.end_epoch()
+        self.save()
+        self.report.message(f"stopped by signal {signal} at step {s.step} (epoch {s.epoch + 1}, batch "
+                            f"{s.batch_in_epoch}/{len(self.train_loader)}); {self.out / 'last.pt'} saved, continue "
+                            f"with --resume auto --output-dir {self.out}")
+
+    def end_epoch(self) -> Evaluation | None:
+        cfg, s = self.cfg, self.state
+        epoch, finished = s.epoch, s.batch_in_epoch >= len(self.train_loader)
+        total = s.meter.reduced(self.acc)
         last = s.epoch + 1 >= cfg.epochs or s.step >= self.total_steps
         ev = None
         t_eval = time.perf_counter()
         if (epoch + 1) % cfg.eval_every == 0 or last:
-            model = self.ema.module if self.ema is not None else self.model
-            ev = evaluate(model, self.val_loader, self.eval_pipe, acc, self.val_labels, cfg.tta,
+            ev = evaluate(self.eval_model, self.val_loader, self.eval_pipe, self.acc, self.val_labels, cfg.tta,
                           cfg.tta_shift)
-        row = {"epoch": epoch + 1, "step": s.step,
-               "train_loss": total[0] / max(total[2], 1), "train_acc": total[1] / max(total[2], 1),
+        row = {"epoch": epoch + 1, "step": s.step, "train_loss": total.mean_loss, "train_acc": total.accuracy,
                "val_loss": ev.loss if ev else None, "val_acc": ev.acc if ev else None, "lr": self.schedule.lr,
                "epoch_seconds": s.epoch_seconds, "eval_seconds": time.perf_counter() - t_eval,
-               "images_per_second": total[2] / s.epoch_seconds if s.epoch_seconds else None,
-               "train_samples": int(total[2]), "val_samples": len(ev.index) if ev else None,
-               "elapsed_seconds": time.perf_counter() - self.t_fit, "warmup_seconds": self.warmup_seconds}
+               "images_per_second": total.count / s.epoch_seconds if s.epoch_seconds else None,
+               "train_samples": total.count, "val_samples": len(ev.index) if ev else None,
+               "elapsed_seconds": self.clock.elapsed(), "warmup_seconds": self.clock.warmup_seconds}
         self.schedule.end_epoch(row)
         best = ev is not None and (s.best_acc is None or ev.acc > s.best_acc)
         if best:
@@ -306,9 +358,9 @@ class Trainer:
         self.report.epoch(row, ev)
         if finished:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            s.epoch_sums, s.epoch_seconds = [0.0, 0.0, 0.0], 0.0
+            s.meter, s.epoch_seconds = EpochMeter(), 0.0
         else:  # stopped mid-epoch by --max-steps: a resumed run completes this epoch's figures
-            s.epoch_sums = total
+            s.meter = total
         if best or last or not finished or (epoch + 1) % cfg.save_every == 0:
             self.save(best=best)
         return ev

@@ -1,25 +1,46 @@
 """Train an image classifier on 1..N processes.
 
+    dtrain train --arch resnet18
+    accelerate launch -m dtrain train --arch resnet18
     accelerate launch dtrain/main.py --arch resnet18
     accelerate launch --multi_gpu --num_processes 8 dtrain/main.py --arch googlenet --epochs 100
     python dtrain/main.py --arch cnn --dataset fake --epochs 1          # one process, also fine
+
+`run` reads top to bottom: arguments -> Config -> accelerator -> data -> model -> trainer -> fit.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script file: import the package, not this file's neighbours
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-    sys.path.insert(0, _root)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__" and sys.path[0] == _HERE:
+    # Run as a file, Python put dtrain/ first on sys.path: its config.py, data/, models/... would shadow
+    # installed modules of those names, and `import dtrain` could find another installed copy. Put this
+    # checkout's root there instead.
+    sys.path[0] = os.path.dirname(_HERE)
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dtrain import config as config_mod
+from dtrain.checkpoint import atomic_write, load_checkpoint, model_meta, restore_training
+from dtrain.data import load_dataset, stats
+from dtrain.data.augment import AugmentSpec, Pipeline
+from dtrain.data.loader import make_loader
+from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_main_first,
+                                process_batch_sizes)
+from dtrain.engine import Trainer, TrainParts
+from dtrain.errors import UserError
+from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
+from dtrain.optim import OptimSpec, build_optimizer
+from dtrain.preempt import StopSignal
+from dtrain.report.build import make_reporters
 
 
 def default_output_dir(cfg) -> Path:
@@ -32,8 +53,6 @@ def default_output_dir(cfg) -> Path:
 
 def find_resume(cfg, out: Path):
     """The checkpoint to resume from, or None for a fresh start."""
-    from dtrain.checkpoint import load_checkpoint
-    from dtrain.errors import UserError
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
@@ -49,20 +68,8 @@ def find_resume(cfg, out: Path):
     return ckpt
 
 
-def run(argv=None) -> dict | None:
-    from dtrain import config as config_mod
-    from dtrain.checkpoint import atomic_write
-    from dtrain.data import load_dataset, stats
-    from dtrain.data.augment import AugmentSpec, Pipeline
-    from dtrain.data.loader import make_loader
-    from dtrain.distributed import broadcast, make_accelerator, on_main_first
-    from dtrain.engine import Trainer
-    from dtrain.errors import UserError
-    from dtrain.models import build_model, count_parameters, list_archs
-    from dtrain.optim import build_optimizer
-    from dtrain.preempt import StopSignal
-    from dtrain.report.build import make_reporters
-
+def parse_config(argv):
+    """The run's Config, or None when the arguments only asked for a listing (printed here)."""
     parser = config_mod.build_parser()
     ns = parser.parse_args(argv)
     if getattr(ns, "list_archs", False):
@@ -71,75 +78,106 @@ def run(argv=None) -> dict | None:
     if getattr(ns, "list_recipes", False):
         print("\n".join(config_mod.list_recipes()))
         return None
-    cfg = config_mod.build_config(argv, parser)
+    return config_mod.build_config(argv, parser)
 
-    acc = make_accelerator(cfg.precision, cfg.grad_accum)
-    world, rank = acc.num_processes, acc.process_index
-    per_process, rem = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if rem or per_process == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
-                        f"{world} processes x {cfg.grad_accum} accumulation steps")
-    if cfg.sync_bn and acc.device.type != "cuda":
-        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop the flag "
-                        "on the CPU")
-    torch.manual_seed(cfg.seed)
 
-    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg))))
-    cfg.output_dir = str(out)
-    ckpt = find_resume(cfg, out)
+@dataclass
+class Data:
+    train_set: Any
+    val_set: Any
+    mean: tuple
+    std: tuple
+    kind: str                   # the loader kind: memory or files
+    train_loader: Any
+    val_loader: Any
+    train_pipe: Pipeline
+    eval_pipe: Pipeline
 
+
+def build_data(cfg, acc, batch: int, eval_batch: int, ckpt) -> Data:
     train_set, val_set = on_main_first(acc, lambda: load_dataset(cfg))
     if ckpt is not None:  # the normalisation a run started with stays, whatever the data now says
         mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
     else:
         mean, std = broadcast(acc, stats.resolve(cfg.normalize, train_set) if acc.is_main_process else None)
-    image_size = train_set.size
-    arch_args = {"norm": cfg.norm, "aux_logits": cfg.aux_logits}
-    model = build_model(cfg.arch, len(train_set.classes), train_set.channels, image_size,
-                        pretrained=cfg.pretrained, weights=cfg.weights, **arch_args)
-    device = acc.device
-    train_pipe = Pipeline(AugmentSpec.from_config(cfg), mean, std, device, cfg.channels_last)
-    eval_pipe = Pipeline(AugmentSpec(), mean, std, device, cfg.channels_last)
     kind = cfg.loader if cfg.loader != "auto" else ("memory" if train_set.in_memory else "files")
-    train_loader = make_loader(train_set, kind, device, per_process * 1, rank, world, cfg.seed, True, cfg.workers)
-    val_loader = make_loader(val_set, kind, device, -(-cfg.eval_batch_size // world), rank, world, cfg.seed,
-                             False, cfg.workers)
-    if hasattr(model, "init_from_data") and ckpt is None:
-        sample = next(iter(make_loader(train_set, kind, torch.device("cpu"), 5000, 0, 1, cfg.seed, False,
-                                       cfg.workers).batches()))[0]
-        model.init_from_data(Pipeline(AugmentSpec(), mean, std, "cpu")(sample))
+    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    return Data(train_set, val_set, mean, std, kind,
+                make_loader(train_set, kind, device, batch, rank, world, cfg.seed, True, cfg.workers),
+                make_loader(val_set, kind, device, eval_batch, rank, world, cfg.seed, False, cfg.workers),
+                Pipeline(AugmentSpec.from_config(cfg), mean, std, device, cfg.channels_last),
+                Pipeline(AugmentSpec(), mean, std, device, cfg.channels_last))
+
+
+def first_images(cfg, data: Data, n: int) -> torch.Tensor:
+    """The first n training images, normalised, on the CPU."""
+    loader = make_loader(data.train_set, data.kind, torch.device("cpu"), n, 0, 1, cfg.seed, False, cfg.workers)
+    return Pipeline(AugmentSpec(), data.mean, data.std, "cpu")(next(iter(loader.batches()))[0])
+
+
+def build_training_model(cfg, acc, meta: dict, data: Data, fresh: bool):
+    """(model, raw, optimizer): the model of `meta` initialised (from the data on a fresh run, when it
+    asks), converted (SyncBN, channels_last), on the device, prepared by accelerate and compiled; raw is
+    the module beneath DDP / compile."""
+    model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                        pretrained=cfg.pretrained, weights=cfg.weights, **meta["arch_args"])
+    if fresh:
+        init_from_data(model, lambda: first_images(cfg, data, DATA_INIT_IMAGES))
     if cfg.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    raw = model.to(device)
-    optimizer = build_optimizer(cfg, raw, device)
+    raw = model.to(acc.device)
+    optimizer = build_optimizer(OptimSpec.from_config(cfg), raw, acc.device)
     model, optimizer = acc.prepare(raw, optimizer)
     if cfg.compile:
         model = torch.compile(model)
+    return model, raw, optimizer
 
-    meta = {"arch": cfg.arch, "arch_args": arch_args, "num_classes": len(train_set.classes),
-            "in_channels": train_set.channels, "image_size": image_size, "classes": list(train_set.classes),
-            "mean": list(mean), "std": list(std), "config": cfg.to_dict()}
+
+def run_info(acc, data: Data, raw, batch: int, out: Path) -> dict:
+    """What the reporters print and log at the start."""
+    return {"train_size": len(data.train_set), "val_size": len(data.val_set),
+            "num_classes": len(data.train_set.classes), "parameters": count_parameters(raw),
+            "world_size": acc.num_processes, "rank": acc.process_index,
+            "distributed_type": str(acc.distributed_type).split(".")[-1], "device": str(acc.device),
+            "per_process_batch": batch, "precision": acc.mixed_precision, "output_dir": str(out),
+            "classes": list(data.train_set.classes)}
+
+
+def run(argv=None) -> dict | None:
+    cfg = parse_config(argv)
+    if cfg is None:
+        return None
+    acc = make_accelerator(cfg.precision)
+    batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
+    check_sync_bn(acc, cfg.sync_bn)
+    torch.manual_seed(cfg.seed)
+    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg))))
+    cfg.output_dir = str(out)
+    ckpt = find_resume(cfg, out)
+
+    data = build_data(cfg, acc, batch, eval_batch, ckpt)
+    train_set = data.train_set
+    meta = model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
+                      train_set.channels, train_set.size, data.mean, data.std)
+    model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None)
+
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
     reporters = make_reporters(cfg, out, None if ckpt is None else ckpt["epoch"], acc.is_main_process)
     stop = StopSignal().install()
-    trainer = Trainer(cfg, acc, model, raw, optimizer, train_loader, val_loader, train_pipe, eval_pipe,
-                      val_set.labels, meta, out, reporters, stop)
+    parts = TrainParts(model, raw, optimizer, data.train_loader, data.val_loader, data.train_pipe, data.eval_pipe,
+                       data.val_set.labels, meta)
+    trainer = Trainer(cfg, acc, parts, out, reporters, stop)
     if ckpt is not None:
-        trainer.restore(ckpt)
+        restore_training(trainer, ckpt)
         reporters.message(f"resumed from {cfg.resume if cfg.resume != 'auto' else out / 'last.pt'} at epoch "
                           f"{ckpt['epoch'] + 1}, step {ckpt['step']}")
     elif cfg.resume == "auto":
         reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
-    info = {"train_size": len(train_set), "val_size": len(val_set), "num_classes": len(train_set.classes),
-            "parameters": count_parameters(raw), "world_size": world, "rank": rank,
-            "distributed_type": str(acc.distributed_type).split(".")[-1], "device": str(device),
-            "per_process_batch": per_process, "precision": acc.mixed_precision, "output_dir": str(out),
-            "classes": list(train_set.classes)}
-    reporters.start(cfg, info)
+    reporters.start(cfg, run_info(acc, data, raw, batch, out))
     try:
         summary = trainer.fit()
     finally:

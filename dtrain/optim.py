@@ -2,9 +2,47 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """What `build_optimizer` needs from the Config."""
+    name: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    decay_norm_bias: bool
+    bias_lr_scale: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "OptimSpec":
+        return cls(cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.decay_norm_bias,
+                   cfg.bias_lr_scale)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What `LRSchedule` needs from the Config."""
+    scheduler: str
+    warmup_epochs: float
+    onecycle_start: float
+    onecycle_peak: float
+    onecycle_end: float
+    milestones: tuple[int, ...]
+    gamma: float
+    plateau_monitor: str
+    plateau_patience: int
+    plateau_factor: float
+
+    @classmethod
+    def from_config(cls, cfg) -> "ScheduleSpec":
+        return cls(cfg.scheduler, cfg.warmup_epochs, cfg.onecycle_start, cfg.onecycle_peak, cfg.onecycle_end,
+                   tuple(cfg.milestones), cfg.gamma, cfg.plateau_monitor, cfg.plateau_patience, cfg.plateau_factor)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, lr: float | None = None,
@@ -26,20 +64,19 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, l
     return [{"params": decay, "weight_decay": weight_decay}, vectors]
 
 
-def build_optimizer(cfg, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias, cfg.lr,
-                          cfg.bias_lr_scale)
+def build_optimizer(spec: OptimSpec, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, spec.weight_decay, spec.decay_norm_bias, spec.lr, spec.bias_lr_scale)
     # fused kernels on CUDA (one launch for all parameters), foreach elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fast)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, **fast)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, **fast)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    raise ValueError(cfg.optimizer)
+    if spec.name == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, **fast)
+    if spec.name == "adam":
+        return torch.optim.Adam(groups, lr=spec.lr, **fast)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr, **fast)
+    if spec.name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=spec.lr, momentum=spec.momentum, foreach=True)
+    raise ValueError(spec.name)
 
 
 class LRSchedule:
@@ -49,10 +86,10 @@ class LRSchedule:
     process); `end_epoch(metrics)` once per evaluated epoch, for the plateau rule.
     """
 
-    def __init__(self, optimizer, cfg, steps_per_epoch: int, total_steps: int):
-        self.opt, self.cfg = optimizer, cfg
+    def __init__(self, optimizer, spec: ScheduleSpec, steps_per_epoch: int, total_steps: int):
+        self.opt, self.spec = optimizer, spec
         self.steps_per_epoch, self.total = max(1, steps_per_epoch), max(1, total_steps)
-        self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.warmup = round(spec.warmup_epochs * self.steps_per_epoch)
         self.base = [g["lr"] for g in optimizer.param_groups]
         self.t = 0
         self.scale = 1.0
@@ -61,7 +98,7 @@ class LRSchedule:
         self._apply()
 
     def factor(self, t: int) -> float:
-        c = self.cfg
+        c = self.spec
         warm = min(1.0, (t + 1) / self.warmup) if self.warmup and t < self.warmup else 1.0
         progress = min(1.0, max(0, t - self.warmup) / max(1, self.total - self.warmup))
         if c.scheduler == "cosine":
@@ -70,8 +107,7 @@ class LRSchedule:
             shape = 1.0 - progress
         elif c.scheduler == "onecycle":  # linear from `start` up to 1 at `peak`, then linear down to `end`
             p = t / self.total
-            start, peak, end = (getattr(c, "onecycle_start", 0.04), getattr(c, "onecycle_peak", 0.25),
-                                getattr(c, "onecycle_end", 0.0))
+            start, peak, end = c.onecycle_start, c.onecycle_peak, c.onecycle_end
             shape = start + (1 - start) * p / peak if p < peak else max(end, end + (1 - end) * (1 - p) / (1 - peak))
         elif c.scheduler == "multistep":
             epoch = t / self.steps_per_epoch
@@ -91,17 +127,18 @@ class LRSchedule:
 
     def end_epoch(self, metrics: dict) -> None:
         """ReduceLROnPlateau's rule (relative threshold 1e-4) on the monitored validation metric."""
-        if self.cfg.scheduler != "plateau" or metrics.get(self.cfg.plateau_monitor) is None:
+        c = self.spec
+        if c.scheduler != "plateau" or metrics.get(c.plateau_monitor) is None:
             return
-        value = metrics[self.cfg.plateau_monitor]
-        minimise = self.cfg.plateau_monitor.endswith("loss")
+        value = metrics[c.plateau_monitor]
+        minimise = c.plateau_monitor.endswith("loss")
         better = self.best is None or (value < self.best * (1 - 1e-4) if minimise else value > self.best * (1 + 1e-4))
         if better:
             self.best, self.bad_epochs = value, 0
         else:
             self.bad_epochs += 1
-            if self.bad_epochs > self.cfg.plateau_patience:
-                self.scale *= self.cfg.plateau_factor
+            if self.bad_epochs > c.plateau_patience:
+                self.scale *= c.plateau_factor
                 self.bad_epochs = 0
         self._apply()
 

@@ -85,16 +85,15 @@ def test_unknown_arch_lists_names():
 
 
 def test_arch_args_neutral_values_are_ignored_others_rejected():
-    neutral = dict(norm="batch", aux_logits=False, pretrained=False, weights=None, dropout=0.0)
+    neutral = dict(norm="batch", aux_logits=False, pretrained=False, weights=None)
     for arch in list_archs():
         build_model(arch, 10, image_size=32, **neutral)
     with pytest.raises(UserError, match="aux_logits"):
         build_model("resnet18", 10, aux_logits=True)
     with pytest.raises(UserError, match="dropout"):
-        build_model("mnist-cnn", 10, dropout=0.3)
+        build_model("cnn", 10, dropout=0.3)
     with pytest.raises(UserError, match="pretrained"):
         build_model("cnn", 10, pretrained=True)
-    assert isinstance(build_model("cnn", 10, dropout=0.3).dropout, nn.Dropout)
     with pytest.raises(UserError, match="norm"):
         build_model("airbench", 10, norm="group")
     with pytest.raises(UserError, match="norm"):
@@ -251,3 +250,31 @@ def test_airbench_whitening_from_data():
     # the raw patches were far from white
     raw = torch.nn.functional.unfold(x, 2).transpose(1, 2).reshape(-1, 12)
     assert (torch.cov(raw.T.double()) - torch.eye(12, dtype=torch.float64)).abs().max() > 0.3
+
+
+def test_model_hooks_loss_and_data_init():
+    from dtrain.models import init_from_data, training_loss
+    criterion = nn.CrossEntropyLoss()
+    y = torch.tensor([1, 2])
+    plain = build_model("cnn", 10)
+    out = plain(torch.randn(2, 3, 32, 32))
+    loss, logits = training_loss(plain, out, y, criterion)
+    assert logits is out and loss.item() == pytest.approx(criterion(out, y).item())
+    torch.manual_seed(0)
+    g = build_model("googlenet", 10, aux_logits=True).train()
+    out = g(torch.randn(2, 3, 32, 32))
+    loss, logits = training_loss(g, out, y, criterion)
+    main, aux = out
+    assert logits is main and len(aux) == 2
+    expected = criterion(main, y) + sum(w * criterion(a, y) for w, a in aux)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    g.eval()
+    with torch.no_grad():
+        assert training_loss(g, g(torch.randn(2, 3, 32, 32)), y, criterion)[1].shape == (2, 10)
+    asked = []
+    init_from_data(plain, lambda: asked.append(1))                     # no hook: no images loaded
+    assert asked == []
+    a = build_model("airbench", 10)
+    before = a.whiten.weight.clone()
+    init_from_data(a, lambda: torch.randn(64, 3, 32, 32))
+    assert not torch.equal(before, a.whiten.weight)

@@ -37,7 +37,7 @@ def fake_eval(k: int, n: int = 50, seed: int = 0) -> Evaluation:
     g = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, k, (n,), generator=g)
     preds = torch.where(torch.rand(n, generator=g) < 0.8, targets, torch.randint(0, k, (n,), generator=g))
-    return Evaluation(0.5, (preds == targets).float().mean().item(), torch.arange(n), preds, targets, torch.zeros(n, k))
+    return Evaluation(0.5, (preds == targets).float().mean().item(), torch.arange(n), preds, targets)
 
 
 def row(epoch: int, step: int) -> dict:

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from dtrain.config import build_config
-from dtrain.optim import LRSchedule, build_optimizer
+from dtrain.optim import LRSchedule, OptimSpec, ScheduleSpec, build_optimizer
 
 
 def schedule(*flags, steps_per_epoch=10, total=100):
     cfg = build_config(["--arch", "cnn", "--lr", "1.0", *flags])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    return LRSchedule(opt, cfg, steps_per_epoch, total)
+    return LRSchedule(opt, ScheduleSpec.from_config(cfg), steps_per_epoch, total)
 
 
 def lrs(s, n):
@@ -49,6 +49,6 @@ def test_plateau_halves_after_patience_and_round_trips():
 def test_no_weight_decay_on_norm_and_bias():
     cfg = build_config(["--arch", "cnn", "--no-decay-norm-bias", "--weight-decay", "0.1"])
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
-    opt = build_optimizer(cfg, model, torch.device("cpu"))
+    opt = build_optimizer(OptimSpec.from_config(cfg), model, torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert len(opt.param_groups[0]["params"]) == 1 and len(opt.param_groups[1]["params"]) == 3

@@ -2,8 +2,18 @@
 
 Each family lives in its own module and exposes a builder
 `builder(num_classes, in_channels, image_size, *, <its own options>)`; the keyword-only options are the
-arch_args it supports (norm, aux_logits, dropout, pretrained, weights). `tv:<name>` builds any torchvision
+arch_args it supports (norm, aux_logits, pretrained, weights). `tv:<name>` builds any torchvision
 classification model.
+
+A model states its quirks with two optional methods; training reaches them only through `training_loss`
+and `init_from_data` below, so a model without them is a plain nn.Module returning logits:
+
+    loss(output, target, criterion) -> (loss, logits)
+        The training loss of what its training forward returned, and the logits that are scored. For a
+        model whose training forward returns more than logits (googlenet's auxiliary heads).
+    init_from_data(images)
+        Set weights from normalised training images (N, C, H, W; up to DATA_INIT_IMAGES of them), once,
+        before a fresh run's first step (never on resume: the checkpoint holds them). airbench's whitening.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import inspect
 from functools import partial
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from dtrain.errors import UserError
@@ -29,7 +40,8 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 # Values of arch_args that mean "not asked for": an arch that lacks the option ignores them.
-NEUTRAL: dict[str, Any] = {"norm": "batch", "aux_logits": False, "pretrained": False, "weights": None, "dropout": 0.0}
+NEUTRAL: dict[str, Any] = {"norm": "batch", "aux_logits": False, "pretrained": False, "weights": None}
+DATA_INIT_IMAGES = 5000  # training images handed to a model's init_from_data hook
 
 
 def list_archs() -> list[str]:
@@ -101,8 +113,25 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     return model.eval()
 
 
+def training_loss(model: nn.Module, output, target: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits) of a training forward's output: the model's `loss` hook, or criterion on the logits.
+    `model` is the unwrapped module (the hooks are not reachable through DDP or torch.compile)."""
+    hook = getattr(model, "loss", None)
+    if hook is not None:
+        return hook(output, target, criterion)
+    return criterion(output.float(), target), output
+
+
+def init_from_data(model: nn.Module, sample_images: Callable[[], torch.Tensor]) -> None:
+    """Call the model's `init_from_data` hook with `sample_images()`; load nothing for a model without it."""
+    hook = getattr(model, "init_from_data", None)
+    if hook is not None:
+        hook(sample_images())
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ARCHS", "build_model", "count_parameters", "list_archs", "model_from_checkpoint"]
+__all__ = ["ARCHS", "DATA_INIT_IMAGES", "build_model", "count_parameters", "init_from_data", "list_archs",
+           "model_from_checkpoint", "training_loss"]

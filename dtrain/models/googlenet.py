@@ -9,7 +9,7 @@ Convs keep their bias, as in the widely used CIFAR version: 6,166,250 parameters
 `aux_logits=True` adds the paper's two auxiliary classifiers (on the outputs of a4 and d4): average pool
 (adaptive, to 4x4, since the maps here are 8x8 or larger instead of 14x14), 1x1 conv to 128, FC 1024,
 dropout 0.7, FC to the classes. In training mode the forward pass then returns
-`(logits, [(0.3, aux1), (0.3, aux2)])`; in eval mode only the logits.
+`(logits, [(0.3, aux1), (0.3, aux2)])`, which its `loss` hook scores; in eval mode only the logits.
 """
 
 from __future__ import annotations
@@ -61,8 +61,7 @@ class GoogLeNet(nn.Module):
     AUX_WEIGHT = 0.3
 
     def __init__(
-        self, num_classes: int, in_channels: int = 3, aux_logits: bool = False,
-        norm: str = "batch", dropout: float = 0.0,
+        self, num_classes: int, in_channels: int = 3, aux_logits: bool = False, norm: str = "batch",
     ):
         super().__init__()
         self.pre_layers = conv_norm_relu(in_channels, 192, 3, norm=norm, bias=True)
@@ -77,7 +76,6 @@ class GoogLeNet(nn.Module):
         self.a5 = Inception(832, 256, 160, 320, 32, 128, 128, norm)
         self.b5 = Inception(832, 384, 192, 384, 48, 128, 128, norm)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.linear = nn.Linear(1024, num_classes)
         self.aux_logits = aux_logits
         if aux_logits:
@@ -95,13 +93,21 @@ class GoogLeNet(nn.Module):
             aux.append((self.AUX_WEIGHT, self.aux2(x)))
         x = self.maxpool(self.e4(x))
         x = self.b5(self.a5(x))
-        logits = self.linear(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        logits = self.linear(torch.flatten(self.avgpool(x), 1))
         return (logits, aux) if aux else logits
+
+    def loss(self, output, target: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model-hook loss (see dtrain.models): the main head's loss plus each auxiliary head's, weighted."""
+        logits, aux = output if isinstance(output, tuple) else (output, ())
+        loss = criterion(logits.float(), target)
+        for weight, aux_logits in aux:
+            loss = loss + weight * criterion(aux_logits.float(), target)
+        return loss, logits
 
 
 def googlenet(
     num_classes: int, in_channels: int = 3, image_size: int = 32, *,
-    aux_logits: bool = False, norm: str = "batch", dropout: float = 0.0,
+    aux_logits: bool = False, norm: str = "batch",
 ) -> GoogLeNet:
     check_norm(norm, ("batch", "group"), "googlenet")
-    return GoogLeNet(num_classes, in_channels, aux_logits=aux_logits, norm=norm, dropout=dropout)
+    return GoogLeNet(num_classes, in_channels, aux_logits=aux_logits, norm=norm)

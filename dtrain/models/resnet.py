@@ -43,8 +43,7 @@ def make_stage(cin: int, cout: int, blocks: int, stride: int, norm: str) -> nn.S
 
 class ResNet(nn.Module):
     def __init__(
-        self, blocks: tuple[int, ...], num_classes: int, in_channels: int = 3,
-        norm: str = "batch", dropout: float = 0.0,
+        self, blocks: tuple[int, ...], num_classes: int, in_channels: int = 3, norm: str = "batch",
     ):
         super().__init__()
         widths = (64, 128, 256, 512)
@@ -59,19 +58,15 @@ class ResNet(nn.Module):
             cin = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.pool(x), 1)
-        return self.fc(self.dropout(x))
+        return self.fc(x)
 
 
-def resnet18(
-    num_classes: int, in_channels: int = 3, image_size: int = 32, *,
-    norm: str = "batch", dropout: float = 0.0,
-) -> ResNet:
+def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32, *, norm: str = "batch") -> ResNet:
     check_norm(norm, ("batch", "group"), "resnet18")
-    return ResNet((2, 2, 2, 2), num_classes, in_channels, norm=norm, dropout=dropout)
+    return ResNet((2, 2, 2, 2), num_classes, in_channels, norm=norm)

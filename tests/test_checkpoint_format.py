@@ -1,0 +1,55 @@
+"""The checkpoint format (dtrain/checkpoint.py) and the engine's epoch meters, on real files."""
+import pytest
+import torch
+
+from dtrain.checkpoint import MODEL_KEYS, VERSION, load_checkpoint, model_meta, save_checkpoint
+from dtrain.config import build_config
+from dtrain.engine import EpochMeter
+from dtrain.errors import UserError
+from dtrain.report import Reporters
+
+
+def meta():
+    cfg = build_config(["--arch", "cnn"])
+    return model_meta(cfg, {"norm": "batch", "aux_logits": False}, ["a", "b"], 3, 32, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_meta_holds_what_inference_needs_and_version_is_checked(tmp_path):
+    m = meta()
+    assert set(MODEL_KEYS) - {"model"} <= set(m) and m["num_classes"] == 2 and m["config"]["arch"] == "cnn"
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {**m, "model": {"w": torch.ones(2)}})
+    ck = load_checkpoint(path)
+    assert ck["version"] == VERSION and ck["classes"] == ["a", "b"] and torch.equal(ck["model"]["w"], torch.ones(2))
+    old = {k: v for k, v in ck.items() if k != "version"}             # written before versions: still loads
+    torch.save(old, path)
+    assert load_checkpoint(path)["arch"] == "cnn"
+    torch.save({**old, "version": VERSION + 1}, path)
+    with pytest.raises(UserError, match="newer dtrain"):
+        load_checkpoint(path)
+
+
+def test_epoch_meter_sums_and_round_trips():
+    m = EpochMeter()
+    m.add(torch.tensor(0.5), torch.tensor(3), 4)
+    m.add(torch.tensor(1.0), torch.tensor(1), 2)
+    assert m.to_list() == [4.0, 4.0, 6.0]
+    assert m.count == 6 and m.mean_loss == pytest.approx(4 / 6) and m.accuracy == pytest.approx(4 / 6)
+    n = EpochMeter()
+    n.load(m.to_list())
+    assert n.to_list() == m.to_list() and EpochMeter().mean_loss == 0.0
+
+
+def test_a_misspelt_reporter_hook_is_an_error():
+    seen = []
+
+    class R:
+        def epoch(self, row, evaluation=None):
+            seen.append(row)
+
+    reps = Reporters([R(), None])
+    reps.epoch({"epoch": 1})
+    reps.close()                                                       # a hook R lacks: nothing to do
+    assert seen == [{"epoch": 1}]
+    with pytest.raises(AttributeError, match="epohc"):
+        reps.epohc({"epoch": 2})
