@@ -54,7 +54,7 @@ def run(argv=None) -> dict | None:
     from dtrain.checkpoint import atomic_write
     from dtrain.data import load_dataset, stats
     from dtrain.data.augment import AugmentSpec, Pipeline
-    from dtrain.data.loader import make_loader
+    from dtrain.data.loader import choose_loader, make_loader
     from dtrain.distributed import broadcast, make_accelerator, on_main_first
     from dtrain.engine import Trainer
     from dtrain.errors import UserError
@@ -100,7 +100,7 @@ def run(argv=None) -> dict | None:
     device = acc.device
     train_pipe = Pipeline(AugmentSpec.from_config(cfg), mean, std, device, cfg.channels_last)
     eval_pipe = Pipeline(AugmentSpec(), mean, std, device, cfg.channels_last)
-    kind = cfg.loader if cfg.loader != "auto" else ("memory" if train_set.in_memory else "files")
+    kind = choose_loader(cfg.loader, train_set, val_set)
     train_loader = make_loader(train_set, kind, device, per_process * 1, rank, world, cfg.seed, True, cfg.workers)
     val_loader = make_loader(val_set, kind, device, -(-cfg.eval_batch_size // world), rank, world, cfg.seed,
                              False, cfg.workers)
