@@ -69,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The arguments, with every mistake that needs no file caught here."""
     from dtrain.errors import UserError
