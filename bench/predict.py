@@ -197,11 +197,11 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from dtrain.data import cache
+    from dtrain.data import cache, decode
     from dtrain.data.augment import AugmentSpec, Pipeline
     from dtrain.data.cifar import MEAN, STD
     from dtrain.data.kaggle import test_set
-    from dtrain.data.loader import FileLoader
+    from dtrain.data.loader import ArrayLoader, FileLoader
     from dtrain.predict import keep_freed_memory
 
     keep_freed_memory()   # as dtrain/predict.py does: for every stage measured in this process
@@ -213,7 +213,7 @@ def main() -> None:
         made = generate(folder, a.total)
     gen_seconds = time.perf_counter() - t
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workers = a.workers if a.workers is not None else cache.default_workers()
+    workers = a.workers if a.workers is not None else decode.default_workers()
     s = test_set(folder, 32, 3, warn=lambda m: None)
     n = len(s)
     print(f"# {n:,} test PNGs in {folder} ({made}{f', {gen_seconds:.0f} s' if made != 'reused' else ''}); "
@@ -246,14 +246,14 @@ def main() -> None:
         c.path.unlink(missing_ok=True)
         t = time.perf_counter()
         cache.build(c, s.files, workers)
-        return time.perf_counter() - t, -(-n // cache.CHUNK)
+        return time.perf_counter() - t, -(-n // decode.CHUNK)
     sec, nb, runs = best(build)
-    add(f"(a) packed cache build (decode in {workers} workers + write, once)", sec, n, nb, cache.CHUNK,
+    add(f"(a) packed cache build (decode in {workers} workers + write, once)", sec, n, nb, decode.CHUNK,
         f"{c.nbytes / 2**20:,.0f} MiB", runs=runs)
 
     def cached():
         s.images = torch.from_numpy(cache.open_cache(c))   # a fresh mapping each time, as a new run has
-        return time_dtrain(cache.ArrayLoader(s, device, pb, 0, 1), pipeline, device)
+        return time_dtrain(ArrayLoader(s, device, pb, 0, 1), pipeline, device)
     sec, nb, runs = best(cached)
     add(f"(a) dtrain ArrayLoader from the packed cache (memory-mapped), batch {pb}", sec, n, nb, pb, runs=runs)
     s.images = None

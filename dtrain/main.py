@@ -32,7 +32,7 @@ from dtrain import config as config_mod
 from dtrain.checkpoint import atomic_write, load_checkpoint, model_meta, restore_training
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
-from dtrain.data.loader import make_loader
+from dtrain.data.loader import choose_loader, make_loader
 from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_main_first,
                                 process_batch_sizes)
 from dtrain.engine import Trainer, TrainParts
@@ -100,7 +100,7 @@ def build_data(cfg, acc, batch: int, eval_batch: int, ckpt) -> Data:
         mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
     else:
         mean, std = broadcast(acc, stats.resolve(cfg.normalize, train_set) if acc.is_main_process else None)
-    kind = cfg.loader if cfg.loader != "auto" else ("memory" if train_set.in_memory else "files")
+    kind = choose_loader(cfg.loader, train_set, val_set)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     return Data(train_set, val_set, mean, std, kind,
                 make_loader(train_set, kind, device, batch, rank, world, cfg.seed, True, cfg.workers),

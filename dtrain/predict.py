@@ -21,11 +21,17 @@ if __package__ in (None, ""):  # run as a script file: import the package, not t
 
 import argparse
 import csv
+import dataclasses
 import io
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from dtrain.config import Config, config_from_dict
+from dtrain.data.augment import AugmentSpec, Pipeline
+from dtrain.report.console import MainConsole, ProgressBar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode processes per process (default: the CPU cores shared out among processes)")
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                    help="mixed precision (default: the accelerate config/launcher's)")
-    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror")
+    p.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
+                   help="average the logits of each image and its mirror (default: as the checkpoint's run "
+                        "evaluated)")
+    p.add_argument("--tta-shift", type=int, default=None, metavar="N",
+                   help="with TTA: also average the mirrored pairs of the image shifted by N pixels (default: "
+                        "the checkpoint run's --tta-shift)")
     p.add_argument("--cache", default=True, action=argparse.BooleanOptionalAction,
                    help="keep the decoded images in a packed cache file (built on the first run, reused after)")
     p.add_argument("--cache-dir", default=None, help="folder for the cache (default DATA_DIR/.dtrain-cache)")
@@ -58,57 +69,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-# ---- console ------------------------------------------------------------------------------------------
-
-class Console:
-    """rich output on the main process; silent elsewhere."""
-
-    def __init__(self, active: bool):
-        self.active = active
-        self.rich = None
-        if active:
-            from rich.console import Console as RichConsole
-            self.rich = RichConsole(highlight=False)
-
-    def print(self, *a, **kw) -> None:
-        if self.rich is not None:
-            self.rich.print(*a, **kw)
-
-    def progress(self, description: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-            TimeElapsedColumn, TimeRemainingColumn
-        from rich.text import Text
-
-        class Rate(ProgressColumn):
-            def render(self, task):
-                return Text(f"{task.speed:,.0f} img/s" if task.speed else "")
-
-        return _Progress(Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), Rate(),
-                                  TimeElapsedColumn(), TimeRemainingColumn(), console=self.rich, transient=True,
-                                  disable=self.rich is None or not self.rich.is_terminal), total)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, with every mistake that needs no file caught here."""
+    from dtrain.errors import UserError
+    args = build_parser().parse_args(argv)
+    if not args.checkpoint and not args.prepare:
+        raise UserError("--checkpoint is required: give the best.pt or last.pt of a dtrain/main.py run")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be positive")
+    if args.image and args.prepare:
+        raise UserError("--prepare builds a data set's cache; it does not go with --image")
+    if args.tta_shift is not None and (args.tta_shift < 0 or args.tta is False):
+        raise UserError("--tta-shift N needs TTA (not --no-tta) and N >= 0")
+    return args
 
 
-class _Progress:
-    def __init__(self, progress, total: int):
-        self.p, self.total = progress, total
-        self.task = progress.add_task("", total=total)
-        self.done, self.t0 = 0, time.perf_counter()
+# ---- the model ----------------------------------------------------------------------------------------
 
-    def __enter__(self):
-        self.p.start()
-        return self
+@dataclass
+class Checkpointed:
+    """What prediction takes from the checkpoint: the model, its input, its classes and how its run
+    evaluated (TTA), with this command's overrides."""
+    config: Config
+    arch: str = ""
+    model: torch.nn.Module | None = None
+    pipeline: Pipeline | None = None
+    classes: list[str] = field(default_factory=list)
+    size: int = 32
+    channels: int = 3
+    tta: bool = False
+    tta_shift: int = 0
 
-    def __exit__(self, *exc):
-        self.p.stop()
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        self.p.update(self.task, completed=min(self.done, self.total))
+def load_model(args, device) -> Checkpointed:
+    """The checkpoint's model on `device` (defaults for --prepare without a checkpoint)."""
+    from dtrain.checkpoint import load_checkpoint
+    from dtrain.models import model_from_checkpoint
+    if not args.checkpoint:
+        return Checkpointed(Config())
+    ckpt = load_checkpoint(args.checkpoint)
+    saved = config_from_dict(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else Config()
+    tta = saved.tta if args.tta is None else args.tta
+    tta_shift = args.tta_shift if args.tta_shift is not None else saved.tta_shift if tta else 0
+    if tta_shift and not tta:
+        from dtrain.errors import UserError
+        raise UserError("--tta-shift N needs --tta (the checkpoint's run evaluated without TTA)")
+    return Checkpointed(saved, ckpt["arch"], model_from_checkpoint(ckpt).to(device).eval(),
+                        Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], device), list(ckpt["classes"]),
+                        int(ckpt["image_size"]), int(ckpt["in_channels"]), tta, tta_shift)
 
-    @property
-    def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.t0, 1e-9)
+
+def tta_words(m: Checkpointed) -> str:
+    if not m.tta:
+        return ""
+    return f", TTA (mirror, shift {m.tta_shift})" if m.tta_shift else ", TTA (mirror)"
 
 
 class _Tracked:
@@ -118,7 +132,7 @@ class _Tracked:
     A process whose shard is empty (fewer images than processes, or an error at once) yields one empty
     batch, so that its logits have the model's number of columns like everyone else's for the gather."""
 
-    def __init__(self, loader, progress: _Progress | None, world: int, shape: tuple[int, int, int], device):
+    def __init__(self, loader, progress: ProgressBar | None, world: int, shape: tuple[int, int, int], device):
         self.loader, self.progress, self.world = loader, progress, world
         self.shape, self.device = shape, device
         self.error: str | None = None
@@ -141,11 +155,9 @@ class _Tracked:
 
 # ---- the data -----------------------------------------------------------------------------------------
 
-def _data_config(args, ckpt: dict | None, size: int):
+def _data_config(args, saved: Config, size: int) -> Config:
     """The training run's Config (from the checkpoint) with this run's data overrides."""
-    from dtrain.config import Config, config_from_dict
-    cfg = config_from_dict(ckpt["config"]) if ckpt and isinstance(ckpt.get("config"), dict) else Config()
-    cfg.dataset, cfg.data_dir, cfg.image_size = args.dataset, args.data_dir, size
+    cfg = dataclasses.replace(saved, dataset=args.dataset, data_dir=args.data_dir, image_size=size)
     if args.split == "test":
         cfg.val_split = 0      # the test folder/batch, not the training run's hold-out (that is --split val)
     if args.dataset == "imagefolder":
@@ -157,60 +169,68 @@ def _data_config(args, ckpt: dict | None, size: int):
     return cfg
 
 
-def load_images(args, acc, console: Console, ckpt: dict | None, size: int, channels: int):
+def load_images(args, acc, console: MainConsole, m: Checkpointed):
     """(ImageSet, labelled?, kaggle folder or None) for --dataset/--split."""
     from dtrain.data import load_dataset
     from dtrain.data.kaggle import test_set
     from dtrain.distributed import on_main_first
     if args.dataset == "kaggle" and args.split == "test":
-        warn = (lambda m: console.print(f"[yellow]warning[/]: {m}")) if acc.is_main_process else (lambda m: None)
-        imageset = test_set(args.data_dir, size, channels, warn=warn)
+        warn = (lambda msg: console.print(f"[yellow]warning[/]: {msg}"))
+        imageset = test_set(args.data_dir, m.size, m.channels, warn=warn)
         return imageset, False, Path(imageset.meta["root"])
-    cfg = _data_config(args, ckpt, size)
+    cfg = _data_config(args, m.config, m.size)
     train, val = on_main_first(acc, lambda: load_dataset(cfg))
     imageset = train if args.split == "train" else val
     if not imageset.in_memory:
-        imageset.channels = channels   # decoding converts to what the model takes (e.g. greyscale -> RGB)
-    if imageset.channels != channels:
+        imageset.channels = m.channels   # decoding converts to what the model takes (e.g. greyscale -> RGB)
+    if imageset.channels != m.channels:
         from dtrain.errors import UserError
-        raise UserError(f"the checkpoint's model takes {channels}-channel images, {args.data_dir} has "
+        raise UserError(f"the checkpoint's model takes {m.channels}-channel images, {args.data_dir} has "
                         f"{imageset.channels}-channel ones")
     return imageset, True, None
 
 
-def attach_cache(args, acc, console: Console, imageset, workers: int):
-    """Decoded images for a file-backed set: the main process builds the cache (if needed), every process
-    memory-maps it. Returns (path, built?), or None when no cache can be used (then images are decoded as they are read)."""
+def attach_cache(args, acc, console: MainConsole, imageset) -> Path | None:
+    """Decoded images for a file-backed set: the main process finds or builds the cache, every process
+    memory-maps it. Returns its path, or None when it cannot be written (then images are decoded as they
+    are read)."""
     from dtrain.data import cache
     from dtrain.distributed import run_on_main
     root = Path(imageset.meta.get("root") or args.data_dir)
     name = f"{root.name}-{imageset.size}px" if args.dataset == "kaggle" else f"{args.dataset}-{args.split}"
     base = root.parent if args.dataset == "kaggle" else Path(args.data_dir)
+    n, size, channels = len(imageset.files), imageset.size, imageset.channels
 
-    def build():
-        c = cache.locate(imageset.files, base, name, imageset.size, imageset.channels, args.cache_dir)
-        if cache.open_cache(c) is not None:
-            return str(c.path), c.shape, c.prefix, False
-        if not cache.writable(c):
-            console.print(f"note: cannot write the image cache in {c.path.parent} (pass --cache-dir DIR); "
-                          f"decoding the images as they are read")
-            return None
-        with console.progress("decoding", len(imageset.files)) as bar:
-            cache.build(c, imageset.files, workers, bar.advance)
-        console.print(f"cached {len(imageset.files):,} decoded images in {c.path} ({c.nbytes / 2**20:,.0f} MiB) "
-                      f"in {time.perf_counter() - bar.t0:.1f} s ({bar.rate:,.0f} img/s)")
-        return str(c.path), c.shape, c.prefix, True
+    def find_or_build():
+        with console.progress("decoding", n) as bar:
+            arr = cache.load_or_build(imageset.files, base, name, size, channels, args.cache_dir,
+                                      progress=bar.advance, log=console.print, unwritable="none")
+        if arr is not None and bar.done:
+            console.print(f"cached {n:,} decoded images in {arr.filename} ({arr.nbytes / 2**20:,.0f} MiB) "
+                          f"in {bar.seconds:.1f} s ({bar.rate:,.0f} img/s)")
+        return None if arr is None else str(arr.filename)
 
-    found = run_on_main(acc, build)
-    if found is None:
+    path = run_on_main(acc, find_or_build)   # the others wait
+    if path is None:
         return None
-    path, shape, prefix, built = found
-    arr = cache.open_cache(cache.CacheFile(Path(path), tuple(shape), prefix))
+    arr = cache.open_cache(cache.CacheFile(Path(path), (n, size, size, channels), ""))
     if arr is None:
         from dtrain.errors import UserError
         raise UserError(f"the image cache {path} vanished while this run was starting; run again")
     imageset.images = torch.from_numpy(arr)
-    return Path(path), built
+    return Path(path)
+
+
+def targets_in_checkpoint_classes(args, imageset, classes: list[str]) -> torch.Tensor:
+    """The data's labels as indices into the checkpoint's class list."""
+    from dtrain.errors import UserError
+    unknown = [c for c in imageset.classes if c not in classes]
+    mapping = torch.tensor([classes.index(c) if c in classes else -1 for c in imageset.classes])
+    targets = mapping[imageset.labels]
+    if unknown and bool((targets < 0).any()):
+        raise UserError(f"{args.data_dir} has classes the checkpoint does not know: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return targets
 
 
 # ---- output -------------------------------------------------------------------------------------------
@@ -237,8 +257,8 @@ def csv_text(header: list[str], rows, terminator: str = "\n") -> str:
 
 def write_csv(path: Path, text: str) -> None:
     from dtrain.checkpoint import atomic_write
-    from dtrain.data.cache import share
     from dtrain.errors import UserError
+    from dtrain.permissions import share
     try:
         atomic_write(path, lambda f: f.write(text.encode()))
         share(path)
@@ -254,7 +274,7 @@ def _row_ids(imageset, data_dir: str) -> list:
     return list(range(len(imageset)))
 
 
-def report_accuracy(console: Console, classes: list[str], preds: torch.Tensor, targets: torch.Tensor) -> dict:
+def report_accuracy(console: MainConsole, classes: list[str], preds: torch.Tensor, targets: torch.Tensor) -> dict:
     from rich.table import Table
     acc = (preds == targets).float().mean().item()
     table = Table(title=None, box=None, pad_edge=False)
@@ -293,135 +313,117 @@ def keep_freed_memory() -> None:
 
 # ---- the modes ----------------------------------------------------------------------------------------
 
-def predict_images(args, console: Console, model, pipeline, classes: list[str], size: int, channels: int) -> dict:
-    from dtrain.data.loader import decode_image
+def predict_images(args, console: MainConsole, m: Checkpointed) -> dict:
+    from dtrain.data.decode import decode_image
     from dtrain.engine import eval_logits
     from dtrain.errors import UserError
     arrays, bad = [], []
     for path in args.image:
         try:
-            arrays.append(torch.from_numpy(decode_image(path, size, channels)))
+            arrays.append(torch.from_numpy(decode_image(path, m.size, m.channels)))
         except UserError as e:
             bad.append(str(e))
     if bad:
         raise UserError("; ".join(bad))
-    device = pipeline.mean.device
+    device = m.pipeline.mean.device
     with torch.no_grad():
-        x = pipeline(torch.stack(arrays).permute(0, 3, 1, 2).to(device))
-        probs = eval_logits(model, x, args.tta).softmax(1).cpu()
-    k = max(1, min(args.top_k, len(classes)))
+        x = m.pipeline(torch.stack(arrays).permute(0, 3, 1, 2).to(device))
+        probs = eval_logits(m.model, x, m.tta, m.tta_shift).softmax(1).cpu()
+    k = max(1, min(args.top_k, len(m.classes)))
     top = probs.topk(k, dim=1)
     result = {}
     for path, p, i in zip(args.image, top.values, top.indices):
-        result[path] = [(classes[j], float(v)) for v, j in zip(p.tolist(), i.tolist())]
+        result[path] = [(m.classes[j], float(v)) for v, j in zip(p.tolist(), i.tolist())]
         console.print(f"[bold]{path}[/]")
         for name, v in result[path]:
             console.print(f"  {v:7.2%}  {name}")
     return result
 
 
-def run(argv=None) -> dict | None:
-    from dtrain.checkpoint import load_checkpoint
-    from dtrain.data import cache
-    from dtrain.data.augment import AugmentSpec, Pipeline
-    from dtrain.data.loader import FileLoader
-    from dtrain.distributed import first_error, make_accelerator, run_on_main
+def predict_set(args, acc, console: MainConsole, m: Checkpointed, imageset, cached: Path | None):
+    """(predicted class per image, seconds): every process predicts its shard, the main process gets all."""
+    from dtrain.data.decode import default_workers
+    from dtrain.data.loader import ArrayLoader, FileLoader, choose_loader
+    from dtrain.distributed import first_error
     from dtrain.engine import predict
     from dtrain.errors import UserError
-    from dtrain.models import model_from_checkpoint
-
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()
-    if not args.checkpoint and not args.prepare:
-        raise UserError("--checkpoint is required: give the best.pt or last.pt of a dtrain/main.py run")
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be positive")
-    if args.image and args.prepare:
-        raise UserError("--prepare builds a data set's cache; it does not go with --image")
-
-    acc = make_accelerator(args.precision)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
-    console = Console(acc.is_main_process)
-    workers = args.workers if args.workers is not None else max(1, min(cache.default_workers() // world, 16))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    size = int(ckpt["image_size"]) if ckpt else 32
-    channels = int(ckpt["in_channels"]) if ckpt else 3
-    classes = list(ckpt["classes"]) if ckpt else []
-    model = pipeline = None
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt).to(device).eval()
-        pipeline = Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], device)
-
-    if args.image:
-        result = run_on_main(acc, lambda: predict_images(args, console, model, pipeline, classes, size, channels))
-        acc.end_training()
-        return {"images": result}
-
-    t0 = time.perf_counter()
-    imageset, labelled, kaggle_dir = load_images(args, acc, console, ckpt, size, channels)
-    cached = None
-    if imageset.files is not None and not imageset.in_memory and args.cache:
-        cached = attach_cache(args, acc, console, imageset, cache.default_workers())  # the others wait
-    if args.prepare:
-        where = cached[0] if cached else "memory only (no cache)"
-        console.print(f"prepared {len(imageset):,} images: {where}")
-        acc.end_training()
-        return {"images": len(imageset), "cache": str(cached[0]) if cached else None}
-
-    targets = None
-    if labelled:  # the data's class indices in the checkpoint's class list
-        unknown = [c for c in imageset.classes if c not in classes]
-        mapping = torch.tensor([classes.index(c) if c in classes else -1 for c in imageset.classes])
-        targets = mapping[imageset.labels]
-        if unknown and bool((targets < 0).any()):
-            raise UserError(f"{args.data_dir} has classes the checkpoint does not know: "
-                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     per_process = -(-args.batch_size // world)
-    if imageset.in_memory:
-        loader = cache.ArrayLoader(imageset, device, per_process, rank, world)
+    if choose_loader("files", imageset) == "memory":
+        loader = ArrayLoader(imageset, device, per_process, rank, world)
         source = "cache" if cached else "memory"
     else:
+        workers = args.workers if args.workers is not None else max(1, min(default_workers() // world, 16))
         loader = FileLoader(imageset, device, per_process, rank, world, 0, False, workers)
         source = f"PNG files ({workers} decode workers per process)"
-    console.print(f"[bold]dtrain predict[/] {ckpt['arch']} ({Path(args.checkpoint)}) on {len(imageset):,} images "
+    console.print(f"[bold]dtrain predict[/] {m.arch} ({Path(args.checkpoint)}) on {len(imageset):,} images "
                   f"from {source}; {world} process(es) ({str(acc.distributed_type).split('.')[-1]}, "
-                  f"{device}), batch {args.batch_size}, precision {acc.mixed_precision}"
-                  + (", TTA (mirror)" if args.tta else ""))
+                  f"{device}), batch {args.batch_size}, precision {acc.mixed_precision}" + tta_words(m))
     with console.progress("predicting", len(imageset)) as bar:
         tracked = _Tracked(loader, bar if acc.is_main_process else None, world,
-                           (channels, imageset.size, imageset.size), device)
+                           (m.channels, imageset.size, imageset.size), device)
         t_pred = time.perf_counter()
-        index, logits = predict(model, tracked, pipeline, acc, tta=args.tta)
+        index, logits = predict(m.model, tracked, m.pipeline, acc, tta=m.tta, tta_shift=m.tta_shift)
         seconds = time.perf_counter() - t_pred
     error = first_error(acc, tracked.error)
     if error is not None:
         raise UserError(f"{error} (no CSV written)")
     if len(index) != len(imageset) or (len(index) and not torch.equal(index, torch.arange(len(imageset)))):
         raise UserError(f"internal error: {len(index)} predictions for {len(imageset)} images")
-    preds = logits.argmax(1) if len(index) else torch.zeros(0, dtype=torch.long)
+    return (logits.argmax(1) if len(index) else torch.zeros(0, dtype=torch.long)), seconds
+
+
+def write_predictions(args, console: MainConsole, classes: list[str], imageset, preds: torch.Tensor,
+                      targets: torch.Tensor | None, kaggle_dir: Path | None) -> dict:
+    """The CSV (and, for labelled data, the accuracy table); main process only."""
+    ids = _row_ids(imageset, args.data_dir)
+    names = [classes[p] for p in preds.tolist()]
+    result = {}
+    if targets is not None:
+        result = report_accuracy(console, classes, preds, targets)
+        text = csv_text(["id", "label", "true_label"],
+                        ([i, n, classes[t]] for i, n, t in zip(ids, names, targets.tolist())))
+        output = Path(args.output or "predictions.csv")
+    else:
+        text = csv_text(["id", "label"], zip(ids, names), line_terminator(kaggle_dir))
+        output = Path(args.output or "submission.csv")
+    write_csv(output, text)
+    console.print(f"wrote {output} ({len(ids):,} rows)")
+    return {**result, "output": str(output)}
+
+
+def run(argv=None) -> dict | None:
+    from dtrain.distributed import make_accelerator, run_on_main
+
+    args = parse_args(argv)
+    keep_freed_memory()
+    acc = make_accelerator(args.precision)
+    console = MainConsole(acc.is_main_process)
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    m = load_model(args, acc.device)
+    if args.image:
+        result = run_on_main(acc, lambda: predict_images(args, console, m))
+        acc.end_training()
+        return {"images": result}
+
+    t0 = time.perf_counter()
+    imageset, labelled, kaggle_dir = load_images(args, acc, console, m)
+    cached = None
+    if imageset.files is not None and not imageset.in_memory and args.cache:
+        cached = attach_cache(args, acc, console, imageset)
+    if args.prepare:
+        console.print(f"prepared {len(imageset):,} images: {cached or 'memory only (no cache)'}")
+        acc.end_training()
+        return {"images": len(imageset), "cache": str(cached) if cached else None}
+
+    targets = targets_in_checkpoint_classes(args, imageset, m.classes) if labelled else None
+    preds, seconds = predict_set(args, acc, console, m, imageset, cached)
     result = {"images": len(imageset), "seconds": seconds, "images_per_second": len(imageset) / max(seconds, 1e-9)}
     console.print(f"predicted {len(imageset):,} images in {seconds:.1f} s "
                   f"({result['images_per_second']:,.0f} img/s; {time.perf_counter() - t0:.1f} s with loading)")
-
-    def finish():
-        ids = _row_ids(imageset, args.data_dir)
-        names = [classes[p] for p in preds.tolist()]
-        if labelled:
-            result.update(report_accuracy(console, classes, preds, targets))
-            text = csv_text(["id", "label", "true_label"],
-                            ([i, n, classes[t]] for i, n, t in zip(ids, names, targets.tolist())))
-            output = Path(args.output or "predictions.csv")
-        else:
-            text = csv_text(["id", "label"], zip(ids, names), line_terminator(kaggle_dir))
-            output = Path(args.output or "submission.csv")
-        write_csv(output, text)
-        console.print(f"wrote {output} ({len(ids):,} rows)")
-        return {**result, "output": str(output)}
-
-    result = run_on_main(acc, finish)
+    result.update(run_on_main(acc, lambda: write_predictions(args, console, m.classes, imageset, preds, targets,
+                                                             kaggle_dir)))
     acc.wait_for_everyone()
     acc.end_training()
     return result

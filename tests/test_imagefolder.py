@@ -11,7 +11,8 @@ from PIL import Image
 from dtrain.checkpoint import load_checkpoint
 from dtrain.config import build_config
 from dtrain.data import imagefolder, load_dataset, stats
-from dtrain.data.loader import decode_image, make_loader
+from dtrain.data.decode import decode_image
+from dtrain.data.loader import make_loader
 from dtrain.errors import UserError
 from helpers import train
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from dtrain.config import Config
-from dtrain.data import cache, kaggle
+from dtrain.data import cache, decode, kaggle
 from dtrain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_second_load_reads_the_cache_and_changes_rebuild_it(tmp_path, monkeypatc
 
     def no_decoding(*a, **k):
         raise AssertionError("decoded again although the cache is there")
-    monkeypatch.setattr(cache, "decode_chunks", no_decoding)
+    monkeypatch.setattr(decode, "decode_chunks", no_decoding)
     again, _ = kaggle.load(cfg(root, val_split=10))
     assert torch.equal(again.images, train.images)
     monkeypatch.undo()
@@ -230,11 +230,12 @@ def test_cache_converts_grey_and_rgba_and_names_bad_files(tmp_path):
 
 def test_array_loader_shards_cover_every_image_once(tmp_path):
     from dtrain.data import ImageSet
+    from dtrain.data.loader import ArrayLoader
     images = torch.arange(23 * 2 * 2 * 3, dtype=torch.int64).remainder(251).to(torch.uint8).view(23, 2, 2, 3)
     s = ImageSet(labels=torch.arange(23), classes=["a"], images=images, size=2)
     seen = []
     for rank in range(3):
-        for x, y, idx in cache.ArrayLoader(s, "cpu", 4, rank, 3).batches():
+        for x, y, idx in ArrayLoader(s, "cpu", 4, rank, 3).batches():
             assert torch.equal(x, images[idx].permute(0, 3, 1, 2)) and torch.equal(y, idx)
             seen += idx.tolist()
     assert sorted(seen) == list(range(23))

@@ -180,3 +180,41 @@ def test_trained_then_predicted_on_real_images_beats_chance(tmp_path):
     accuracy = sum(ours[i] == label for i, label in answers) / len(answers)
     print(f"submission accuracy on the 1,000 real test images: {accuracy:.1%}")
     assert accuracy > 0.30, f"{accuracy:.1%} on the 1,000 real test images"
+
+
+def test_an_airbench_checkpoint_is_scored_with_its_runs_tta_unless_overridden(tmp_path):
+    import torch
+    from dtrain.checkpoint import load_checkpoint
+    from dtrain.data.augment import AugmentSpec, Pipeline
+    from dtrain.data.decode import decode_image
+    from dtrain.engine import eval_logits
+    from dtrain.models import model_from_checkpoint
+    from dtrain.predict import run
+    launch(MAIN, ["--arch", "airbench", "--dataset", "fake", "--fake-size", 64, "--max-steps", 2, "--batch-size", 32,
+                  "--eval-batch-size", 32, "--precision", "no", "--output-dir", tmp_path / "run", "--no-wandb",
+                  "--no-plots", "--workers", 0])
+    ckpt_path = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["config"]["tta"] is True and ckpt["config"]["tta_shift"] == 1      # the airbench recipe's
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(image(k, rng)).save(paths[-1])
+    model = model_from_checkpoint(ckpt).eval()
+    pipeline = Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], "cpu")
+    x = pipeline(torch.stack([torch.from_numpy(decode_image(p, 32, 3)) for p in paths]).permute(0, 3, 1, 2))
+
+    def probs(*flags) -> torch.Tensor:
+        got = run(["--checkpoint", str(ckpt_path), "--image", *map(str, paths), "--top-k", "10", *flags])["images"]
+        names = list(ckpt["classes"])
+        return torch.tensor([[dict(got[str(p)])[c] for c in names] for p in paths])
+
+    with torch.no_grad():
+        as_trained = eval_logits(model, x, tta=True, tta_shift=1).softmax(1)
+        plain = model(x).float().softmax(1)
+        mirror_only = eval_logits(model, x, tta=True).softmax(1)
+    assert not torch.allclose(as_trained, plain, atol=1e-6) and not torch.allclose(as_trained, mirror_only, atol=1e-6)
+    assert torch.allclose(probs(), as_trained, atol=1e-5)                      # no flags: the run's TTA
+    assert torch.allclose(probs("--no-tta"), plain, atol=1e-5)
+    assert torch.allclose(probs("--tta-shift", "0"), mirror_only, atol=1e-5)

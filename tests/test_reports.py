@@ -19,7 +19,7 @@ from dtrain.report import plots
 from dtrain.report.build import make_reporters
 from helpers import train
 
-# optional dependencies (extras `tensorboard` and `plots`): CI should install both so these run
+# tensorboard is optional (the `tensorboard` extra) and matplotlib a dependency: CI should have both so these run
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="tensorboard is not installed (pip install tensorboard)")
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,

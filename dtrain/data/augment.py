@@ -117,13 +117,11 @@ def cutout(x: torch.Tensor, holes: int, length: int, g: torch.Generator) -> torc
 class Pipeline:
     """uint8 batch -> (augmented) normalised float batch, in the model's memory format."""
 
-    def __init__(self, spec: AugmentSpec, mean, std, device, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, spec: AugmentSpec, mean, std, device, channels_last: bool = False):
         self.spec = spec
         self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
         s = self.spec
@@ -144,4 +142,4 @@ class Pipeline:
         x = (x - self.mean) / self.std
         if train and s.cutout_holes:
             x = cutout(x, s.cutout_holes, s.cutout_length, g)
-        return x.contiguous(memory_format=self.memory_format).to(self.dtype)
+        return x.contiguous(memory_format=self.memory_format)

@@ -10,10 +10,10 @@ ImageFolder layout; DIR/val/<class>/... is accepted in place of DIR/test).
   all be one square size, which is then used as is.
 - Channels: 1 when every image is greyscale (PIL modes 1, L, LA, I, I;16, F), else 3 (RGB). Colour and
   greyscale images may be mixed: each is converted to the set's channel count when decoded.
-- Memory: a set whose decoded uint8 pixels (train + validation) fit in MEMORY_BUDGET bytes is decoded
-  once, in parallel, into `ImageSet.images`, so the in-memory (device-resident) loader applies; a larger
-  one stays file-backed (`ImageSet.files`) and is decoded in DataLoader workers every epoch.
-  `--loader memory` / `--loader files` force either.
+- Memory: `dtrain.data.loader.choose_loader` decides. A set whose decoded uint8 pixels (train + validation)
+  fit in MEMORY_BUDGET bytes is decoded once, in parallel, into `ImageSet.images`, so the in-memory
+  (device-resident) loader applies; a larger one stays file-backed (`ImageSet.files`) and is decoded in
+  DataLoader workers every epoch. `--loader memory` / `--loader files` force either.
 - Normalisation: the folder has no known mean/std, so `--normalize dataset` (the default) and `auto`
   both compute them over the training images (dtrain.data.stats).
 """
@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dtrain.data import ImageSet, cache, stratified_split
+from dtrain.data import ImageSet, stratified_split
+from dtrain.data.decode import decode_all, default_workers
+from dtrain.data.loader import MEMORY_BUDGET, choose_loader
 from dtrain.errors import UserError
 
-MEMORY_BUDGET = 2 * 1024 ** 3            # bytes of decoded uint8 pixels held in memory (train + val)
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 HEADER_SCAN_LIMIT = 20_000               # with --image-size, larger sets decide the channels from a sample
 LAYOUT = ("expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (or DIR/val/...), e.g. "
@@ -92,7 +93,7 @@ def _header(path: str) -> tuple[tuple[int, int], str]:
 
 
 def headers(files: list[str]) -> list[tuple[tuple[int, int], str]]:
-    with ThreadPoolExecutor(cache.default_workers()) as ex:   # header reads: I/O, threads suffice
+    with ThreadPoolExecutor(default_workers()) as ex:   # header reads: I/O, threads suffice
         return list(ex.map(_header, files, chunksize=64))
 
 
@@ -153,14 +154,12 @@ def read(root: str | Path, image_size: int | None = None, val_split: int = 0, se
         raise UserError(f"{root.resolve()} has no test/ (or val/) folder for validation: add DIR/test/<class>/... "
                         f"or hold out training images with --val-split N (e.g. --val-split {max(1, len(files) // 10)})")
     size, channels = decide_geometry(splits[0][0] + splits[1][0], image_size, seed)
-    n_all = len(splits[0][0]) + len(splits[1][0])
-    in_memory = loader == "memory" or (loader == "auto" and n_all * size * size * channels <= memory_budget)
-    sets = []
-    for f, y in splits:
-        kw = dict(images=torch.from_numpy(cache.decode_all(f, size, channels, cache.default_workers()))) \
-            if in_memory else dict(files=f)
-        sets.append(ImageSet(labels=torch.tensor(y, dtype=torch.int64), classes=classes, channels=channels,
-                             size=size, mean=None, std=None, meta={"root": str(root)}, **kw))
+    sets = [ImageSet(labels=torch.tensor(y, dtype=torch.int64), classes=classes, files=f, channels=channels,
+                     size=size, mean=None, std=None, meta={"root": str(root)}) for f, y in splits]
+    if choose_loader(loader, *sets, budget=memory_budget) == "memory":
+        for s in sets:
+            s.images = torch.from_numpy(decode_all(s.files, size, channels, default_workers()))
+            s.files = None
     return sets[0], sets[1]
 
 

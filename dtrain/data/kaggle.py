@@ -110,7 +110,9 @@ def read_labels(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def load(cfg) -> tuple[ImageSet, ImageSet]:
+def load(cfg, log: Callable[[str], None] | None = print) -> tuple[ImageSet, ImageSet]:
+    """The labelled training images (decoded once into the packed cache; `log` hears when that happens),
+    split into training and validation."""
     from dtrain.data import cache
 
     root = Path(cfg.data_dir)
@@ -145,8 +147,7 @@ def load(cfg) -> tuple[ImageSet, ImageSet]:
         raise UserError(f"--val-split {cfg.val_split}: {e} ({len(labels):,} labelled images)") from None
     size = cfg.image_size or 32
     files = [found[i] for i, _ in rows]
-    images = cache.load_or_build(files, root, f"train-{size}px", size, 3, cfg.cache_dir,
-                                 workers=cache.default_workers())  # the other processes wait
+    images = cache.load_or_build(files, root, f"train-{size}px", size, 3, cfg.cache_dir, log=log)
     full = ImageSet(labels=labels, classes=list(CLASSES), images=torch.from_numpy(images), files=files,
                     ids=[i for i, _ in rows], channels=3, size=size, mean=MEAN, std=STD, meta={"root": str(root)})
     return full.subset(train_idx), full.subset(val_idx)

@@ -27,7 +27,7 @@ def channel_stats(batches: Iterable[torch.Tensor]) -> tuple[tuple[float, ...], t
     return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
 
 
-def resolve(mode: str, train, batches_of_train=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def resolve(mode: str, train) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation for `--normalize mode`; 'dataset' uses the format's known figures, else computes."""
     c = train.channels
     if mode == "none":
@@ -40,16 +40,14 @@ def resolve(mode: str, train, batches_of_train=None) -> tuple[tuple[float, ...],
         return tuple(train.mean), tuple(train.std)
     if train.in_memory:
         return channel_stats(train.images.split(4096))
-    if batches_of_train is None:
-        if train.files is None:
-            raise UserError("computing normalisation statistics needs the training images")
-        batches_of_train = file_batches(train)
-    return channel_stats(batches_of_train)
+    if train.files is None:
+        raise UserError("computing normalisation statistics needs the training images")
+    return channel_stats(file_batches(train))
 
 
 def file_batches(train):
     """A file-backed set's images decoded (and resized) as the loader does, as uint8 N x H x W x C chunks,
     in worker processes; a file that cannot be decoded is a UserError naming it."""
-    from dtrain.data import cache
-    for chunk in cache.decode_chunks(train.files, train.size, train.channels, cache.default_workers()):
+    from dtrain.data.decode import decode_chunks, default_workers
+    for chunk in decode_chunks(train.files, train.size, train.channels, default_workers()):
         yield torch.from_numpy(chunk)

@@ -1,12 +1,16 @@
-"""The console on the main process: a rich progress bar per epoch and a table row per epoch."""
+"""The console of training and prediction: output on the main process only, rich progress bars, and
+the training run's table row per epoch (`ConsoleReporter`)."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 COLUMNS = [("epoch", "{}"), ("step", "{}"), ("train_loss", "{:.4f}"), ("train_acc", "{:.2%}"),
            ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("lr", "{:.3g}"), ("epoch_seconds", "{:.1f}"),
@@ -18,6 +22,62 @@ def make_console() -> Console:
     if sys.stdout.isatty():
         return Console(soft_wrap=True)
     return Console(soft_wrap=True, width=max(120, int(os.environ.get("COLUMNS", 0) or 0)))
+
+
+def warn(text: str) -> None:
+    """A warning outside any run's console (e.g. while choosing reporters): one line on stderr."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+class MainConsole:
+    """Prints and progress bars on the main process; silent on the others."""
+
+    def __init__(self, active: bool = True):
+        self.rich = make_console() if active else None
+
+    def print(self, *a, **kw) -> None:
+        if self.rich is not None:
+            self.rich.print(*a, highlight=False, **kw)
+
+    def progress(self, description: str, total: int) -> "ProgressBar":
+        """A bar of `total` images with their rate, shown on a terminal only (a log gets no bar lines)."""
+        show = self.rich is not None and self.rich.is_terminal
+        return ProgressBar(Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), _Rate(),
+                                    TimeElapsedColumn(), TimeRemainingColumn(), console=self.rich, transient=True,
+                                    disable=not show), total)
+
+
+class _Rate(ProgressColumn):
+    def render(self, task):
+        return Text(f"{task.speed:,.0f} img/s" if task.speed else "")
+
+
+class ProgressBar:
+    """Images done out of `total`, and the rate since the bar was made."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.p, self.total = progress, total
+        self.task = progress.add_task("", total=total)
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def __enter__(self):
+        self.p.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.p.stop()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self.p.update(self.task, completed=min(self.done, self.total))
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(self.seconds, 1e-9)
 
 
 class ConsoleReporter:

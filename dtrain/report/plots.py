@@ -5,7 +5,7 @@ latest evaluation (rows: true class with its recall, columns: predicted class; c
 numbers: image counts). The title says how far the run got and its best validation accuracy, so a glance
 tells whether the run went well.
 
-matplotlib is optional (the `plots` extra): without it a run warns once and draws nothing. Drawing uses
+matplotlib is a dependency of dtrain; where it is missing anyway, a run warns once and draws nothing. Drawing uses
 the Agg canvas directly (no pyplot, no display). Redraws are throttled so they take at most about 5% of
 the run's wall time (a fast GPU epoch is shorter than a redraw); the final picture is always drawn. The
 file is replaced atomically, so a viewer never reads half a PNG.
@@ -13,11 +13,12 @@ file is replaced atomically, so a viewer never reads half a PNG.
 from __future__ import annotations
 
 import io
-import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from dtrain.checkpoint import atomic_write
+from dtrain.report.console import warn as warn_on_stderr
 from dtrain.report.metrics import read_metrics
 
 MAX_SHARE = 0.05          # redraw when drawing has used at most this share of the time since the last draw
@@ -27,15 +28,16 @@ NAMES_MAX = 40            # class names on the confusion axes up to this many cl
 _warned = False
 
 
-def make_plot_reporter(output_dir, resumed_epoch: int | None = None):
-    """A PlotReporter, or None (after one warning) when matplotlib is missing."""
+def make_plot_reporter(output_dir, resumed_epoch: int | None = None,
+                       warn: Callable[[str], None] = warn_on_stderr):
+    """A PlotReporter, or None (after one `warn`ing per process) when matplotlib is missing."""
     global _warned
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         if not _warned:
-            print("warning: matplotlib is not installed, so no run.png is drawn (pip install matplotlib, or "
-                  "pass --no-plots to silence this)", file=sys.stderr, flush=True)
+            warn("matplotlib is not installed, so no run.png is drawn (pip install matplotlib, or pass "
+                 "--no-plots to silence this)")
             _warned = True
         return None
     return PlotReporter(output_dir, resumed_epoch)
