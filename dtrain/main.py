@@ -15,19 +15,10 @@ if __package__ in (None, ""):  # run as a script file: import the package, not t
     sys.path.insert(0, _root)
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
-
-
-def default_output_dir(cfg) -> Path:
-    job, job_id = os.environ.get("SLURM_JOB_NAME"), os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job and job_id:  # stable across requeues of the same job
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return Path("runs") / (f"{job}-{job_id}" + (f"_{task}" if task else ""))
-    return Path("runs") / f"{cfg.arch.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def find_resume(cfg, out: Path):
@@ -55,13 +46,14 @@ def run(argv=None) -> dict | None:
     from dtrain.data import load_dataset, stats
     from dtrain.data.augment import AugmentSpec, Pipeline
     from dtrain.data.loader import make_loader
-    from dtrain.distributed import broadcast, make_accelerator, on_main_first
+    from dtrain.distributed import broadcast, make_accelerator, on_main_first, run_on_main
     from dtrain.engine import Trainer
     from dtrain.errors import UserError
     from dtrain.models import build_model, count_parameters, list_archs
     from dtrain.optim import build_optimizer
     from dtrain.preempt import StopSignal
     from dtrain.report.build import make_reporters
+    from dtrain.rundir import default_output_dir, open_output_dir
 
     parser = config_mod.build_parser()
     ns = parser.parse_args(argv)
@@ -84,8 +76,9 @@ def run(argv=None) -> dict | None:
                         "on the CPU")
     torch.manual_seed(cfg.seed)
 
-    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg))))
+    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.arch))))
     cfg.output_dir = str(out)
+    cfg.resume = run_on_main(acc, lambda: open_output_dir(out, cfg.resume)[1])  # locked until exit
     ckpt = find_resume(cfg, out)
 
     train_set, val_set = on_main_first(acc, lambda: load_dataset(cfg))
