@@ -241,6 +241,15 @@ def test_new_run_into_a_finished_runs_folder_is_refused_and_leaves_it_untouched(
     assert files(earlier) == before
 
 
+def test_two_process_run_into_a_finished_runs_folder_is_refused_on_every_rank(earlier):
+    before = files(earlier)
+    r = train([*RUN, "--epochs", "2", "--output-dir", earlier], nproc=2, check=False, timeout=240)
+    assert r.returncode != 0                               # the launcher's own status; each rank exits 2
+    assert r.stderr.count(f"error: {earlier} holds an earlier run") == 2, r.stderr[-3000:]
+    assert "exitcode  : 2" in r.stderr
+    assert files(earlier) == before
+
+
 def test_resume_auto_without_last_pt_keeps_best_pt_and_metrics(earlier):
     (earlier / "last.pt").unlink()
     before = files(earlier)
