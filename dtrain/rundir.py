@@ -52,44 +52,46 @@ def default_output_dir(arch: str, env=os.environ) -> Path:
     return Path("runs") / f"{arch.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def restart_count(env=os.environ) -> int:
-    """How many times torchrun has restarted this job's workers (0 outside torchrun)."""
+def _count(env, name: str) -> int:
     try:
-        return int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        return int(env.get(name) or 0)
     except ValueError:
         return 0
+
+
+def restart_count(env=os.environ) -> int:
+    """How many times torchrun has restarted this job's workers (0 outside torchrun)."""
+    return _count(env, "TORCHELASTIC_RESTART_COUNT")
 
 
 def resume_for(out: Path, resume: str | None, restarts: int = 0) -> str | None:
     """The --resume this run uses in `out`, or a UserError if starting would destroy an earlier run's results.
 
-    A torchrun restart of the same job (restarts > 0) continues like --resume auto.
+    `--resume auto` and a torchrun restart of the same job (restarts > 0) continue the run in `out` from its
+    last.pt; without one they start afresh only where no results (best.pt, metrics.jsonl) would be replaced.
     """
     out = Path(out)
     found = [name for name in RESULTS if (out / name).exists()]
-    if resume is None and restarts > 0:
-        resume = "auto"
     if not found:
-        return resume
+        return "auto" if resume is None and restarts > 0 else resume
     held = ", ".join(found)
-    if resume is None:
-        raise UserError(f"{out} holds an earlier run ({held}): continue it with --resume auto, or pass another "
-                        f"--output-dir for a new run")
-    if resume == "auto":
-        if (out / "last.pt").exists():
-            return resume
+    if resume == "auto" or restarts > 0:
+        if "last.pt" in found:
+            return "auto"  # a restarted job continues from its own progress, not from the checkpoint it began with
         results = [name for name in found if name in ("best.pt", "metrics.jsonl")]
         if results:
             raise UserError(f"{out} holds results of an earlier run ({', '.join(results)}) but no last.pt to "
                             f"continue it from, and a fresh start would replace them: pass another --output-dir "
                             f"(or move those files away)")
-        return resume  # only a config.json: a run that stopped before its first checkpoint starts again
-    if restarts > 0 and (out / "last.pt").exists():
-        return "auto"  # the restarted job continues from its own progress, not from the checkpoint it began with
-    if Path(resume).resolve().parent == out.resolve():
+        return resume or "auto"  # only a config.json: a run that stopped before its first checkpoint starts again
+    if resume is None:
+        raise UserError(f"{out} holds an earlier run ({held}): continue it with --resume auto, or pass another "
+                        f"--output-dir for a new run")
+    if Path(resume).resolve() == (out / "last.pt").resolve():
         return resume
-    raise UserError(f"{out} holds an earlier run ({held}): --resume {resume} would continue in it and replace "
-                    f"its results; pass another --output-dir, or --resume auto to continue the run in {out}")
+    raise UserError(f"{out} holds an earlier run ({held}): --resume {resume} would start over it from another "
+                    f"point and replace its results; pass another --output-dir, or --resume auto to continue the "
+                    f"run in {out}")
 
 
 def _proc_start(pid: int) -> str | None:
@@ -123,13 +125,7 @@ def _job(env) -> str | None:
 
 
 def _attempt(env) -> list[int]:
-    counts = []
-    for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
-        try:
-            counts.append(int(env.get(name) or 0))
-        except ValueError:
-            counts.append(0)
-    return counts
+    return [_count(env, "SLURM_RESTART_COUNT"), _count(env, "TORCHELASTIC_RESTART_COUNT")]
 
 
 class RunLock:
@@ -215,6 +211,8 @@ class RunLock:
                 text = f.read()
         except FileNotFoundError:
             return None, None
+        except OSError as e:
+            raise UserError(f"cannot read the lock file {self.path}: {e.strerror}; pass another --output-dir")
         try:
             holder = json.loads(text)
         except ValueError:

@@ -276,11 +276,15 @@ def test_resume_decisions(tmp_path):
     with pytest.raises(UserError, match="--resume auto"):
         resume_for(out, None)
     assert resume_for(out, None, restarts=1) == "auto"
+    assert resume_for(out, str(tmp_path / "other.pt"), restarts=1) == str(tmp_path / "other.pt")
     (out / "last.pt").write_bytes(b"x")
     assert resume_for(out, str(out / "last.pt")) == str(out / "last.pt")
     assert resume_for(out, str(tmp_path / "other.pt"), restarts=1) == "auto"
     with pytest.raises(UserError, match="another --output-dir"):  # another run's checkpoint over this one
         resume_for(out, str(tmp_path / "other.pt"))
+    (out / "best.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="another --output-dir"):  # back to its best: rows after it would go
+        resume_for(out, str(out / "best.pt"))
 
 
 def test_default_output_dir_is_stable_across_requeues():
