@@ -94,23 +94,31 @@ def resume_for(out: Path, resume: str | None, restarts: int = 0) -> str | None:
                     f"run in {out}")
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of a process in clock ticks since boot (/proc/<pid>/stat field 22), if known."""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """A process's state letter and start time in clock ticks since boot (/proc/<pid>/stat fields 3 and 22)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _proc_start(pid: int) -> str | None:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] not in ("Z", "X")
 
 
 def _job(env) -> str | None:

@@ -190,6 +190,13 @@ def test_same_host_lock_is_judged_by_its_pid(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ended, not yet reaped by its parent (this test)
+    while rundir._proc_stat(zombie.pid)[0] != "Z":
+        time.sleep(0.05)
+    write_lock(tmp_path / "d", host=me, pid=zombie.pid, proc_start=rundir._proc_start(zombie.pid))
+    RunLock(tmp_path / "d", say=said.append).acquire().release()
+    assert f"its process {zombie.pid} is gone" in said[-1]
+    zombie.wait()
     write_lock(tmp_path / "c", host=me, pid=alive.pid)    # its process is gone
     lock = RunLock(tmp_path / "c", say=said.append).acquire()
     assert f"its process {alive.pid} is gone" in said[-1]
