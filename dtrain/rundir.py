@@ -152,7 +152,7 @@ class RunLock:
         self.env = env
         self.say = say or (lambda message: print(message, flush=True))
         self.token = uuid.uuid4().hex
-        self.held = False
+        self.owner_pid = None  # the process that holds the lock
         self._stop = threading.Event()
         self._thread = None
 
@@ -184,7 +184,7 @@ class RunLock:
         else:
             raise UserError(f"{self.path} keeps changing hands: another run is starting in {self.out}; use "
                             f"another --output-dir")
-        self.held = True
+        self.owner_pid = os.getpid()
         atexit.register(self.release)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -292,10 +292,10 @@ class RunLock:
                 pass
 
     def release(self) -> None:
-        """Remove the lock if this run holds it (safe to call more than once)."""
-        if not self.held:
+        """Remove the lock if this run holds it (safe to call more than once; a forked child never does)."""
+        if self.owner_pid != os.getpid():
             return
-        self.held = False
+        self.owner_pid = None
         self._stop.set()
         atexit.unregister(self.release)
         if self._owned():

@@ -148,6 +148,17 @@ def test_holder_script_refuses_a_second_holder_and_releases_on_exit(tmp_path):
     assert not (out / "run.lock").exists()
 
 
+def test_forked_child_leaves_the_parents_lock_alone(tmp_path):
+    with RunLock(tmp_path) as lock:
+        pid = os.fork()
+        if pid == 0:  # what a forked helper process that ends normally does
+            lock.release()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not lock.path.exists()
+
+
 def test_lock_is_released_when_the_run_fails(tmp_path):
     with pytest.raises(RuntimeError):
         with RunLock(tmp_path):
