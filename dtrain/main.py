@@ -21,7 +21,6 @@ if __name__ == "__main__" and sys.path[0] == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +33,14 @@ from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
 from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_main_first,
-                                process_batch_sizes)
+                                process_batch_sizes, run_on_main)
 from dtrain.engine import Trainer, TrainParts
 from dtrain.errors import UserError
 from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
 from dtrain.optim import OptimSpec, build_optimizer
 from dtrain.preempt import StopSignal
 from dtrain.report.build import make_reporters
-
-
-def default_output_dir(cfg) -> Path:
-    job, job_id = os.environ.get("SLURM_JOB_NAME"), os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job and job_id:  # stable across requeues of the same job
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return Path("runs") / (f"{job}-{job_id}" + (f"_{task}" if task else ""))
-    return Path("runs") / f"{cfg.arch.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+from dtrain.rundir import default_output_dir, open_output_dir
 
 
 def find_resume(cfg, out: Path):
@@ -153,8 +145,9 @@ def run(argv=None) -> dict | None:
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
-    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg))))
+    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.arch))))
     cfg.output_dir = str(out)
+    cfg.resume = run_on_main(acc, lambda: open_output_dir(out, cfg.resume)[1])  # locked until exit
     ckpt = find_resume(cfg, out)
 
     data = build_data(cfg, acc, batch, eval_batch, ckpt)

@@ -1,0 +1,317 @@
+"""The output folder of a run: its name, its lock, and whether this run may use it.
+
+A run's folder holds its results (config.json, metrics.jsonl, last.pt, best.pt). Two rules keep them safe:
+
+* One run at a time. The main process holds `run.lock` in the folder for the run's whole life; a second
+  run into the same folder stops at once and names the first.
+* Nothing starts over an earlier run. A folder that holds a run is used only to continue it
+  (`--resume auto`, or a torchrun restart of the same job); continuing needs its last.pt.
+
+The lock is a file created with O_CREAT|O_EXCL, which is atomic on local file systems and on the shared
+ones clusters use (NFS v3 and later, Lustre, GPFS, BeeGFS), so it works between nodes. It holds the
+holder's host, pid and start time as JSON. flock/fcntl locks are not used: on NFS they depend on the lock
+daemon, on Lustre and BeeGFS they are node-local or fail unless the file system is mounted with the
+`flock` option, and a lock alone cannot say who holds it.
+
+A lock whose holder is gone is stale and taken over, with a message:
+* same host: the pid is not alive, or it was reused by another process (its start time in
+  /proc/<pid>/stat differs from the recorded one) - this is the case after kill -9;
+* another host: its pid cannot be checked, so the holder refreshes the lock file's modification time
+  every HEARTBEAT_SECONDS from a daemon thread, and a lock not refreshed for STALE_SECONDS is stale.
+  The age is measured against the modification time of a file this process has just written in the same
+  folder, so both times come from the file server's clock and clock skew between nodes does not matter;
+* an earlier attempt of the same job (the same Slurm job, or the same torchrun rendezvous with a lower
+  restart count): Slurm and torchrun end an attempt before they start the next, so the next takes over
+  at once, on whichever node it lands.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from dtrain.errors import UserError
+
+LOCK_NAME = "run.lock"
+HEARTBEAT_SECONDS = 30.0
+STALE_SECONDS = 4 * HEARTBEAT_SECONDS
+RESULTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+
+
+def default_output_dir(arch: str, env=os.environ) -> Path:
+    """runs/<job>-<id>[_<task>] under Slurm (the same folder for every requeue of a job), else runs/<arch>-<time>."""
+    job, job_id = env.get("SLURM_JOB_NAME"), env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if job and job_id:
+        task = env.get("SLURM_ARRAY_TASK_ID")
+        return Path("runs") / (f"{job}-{job_id}" + (f"_{task}" if task else ""))
+    return Path("runs") / f"{arch.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _count(env, name: str) -> int:
+    try:
+        return int(env.get(name) or 0)
+    except ValueError:
+        return 0
+
+
+def restart_count(env=os.environ) -> int:
+    """How many times torchrun has restarted this job's workers (0 outside torchrun)."""
+    return _count(env, "TORCHELASTIC_RESTART_COUNT")
+
+
+def resume_for(out: Path, resume: str | None, restarts: int = 0) -> str | None:
+    """The --resume this run uses in `out`, or a UserError if starting would destroy an earlier run's results.
+
+    `--resume auto` and a torchrun restart of the same job (restarts > 0) continue the run in `out` from its
+    last.pt; without one they start afresh only where no results (best.pt, metrics.jsonl) would be replaced.
+    """
+    out = Path(out)
+    found = [name for name in RESULTS if (out / name).exists()]
+    if not found:
+        return "auto" if resume is None and restarts > 0 else resume
+    held = ", ".join(found)
+    if resume == "auto" or restarts > 0:
+        if "last.pt" in found:
+            return "auto"  # a restarted job continues from its own progress, not from the checkpoint it began with
+        results = [name for name in found if name in ("best.pt", "metrics.jsonl")]
+        if results:
+            raise UserError(f"{out} holds results of an earlier run ({', '.join(results)}) but no last.pt to "
+                            f"continue it from, and a fresh start would replace them: pass another --output-dir "
+                            f"(or move those files away)")
+        return resume or "auto"  # only a config.json: a run that stopped before its first checkpoint starts again
+    if resume is None:
+        raise UserError(f"{out} holds an earlier run ({held}): continue it with --resume auto, or pass another "
+                        f"--output-dir for a new run")
+    if Path(resume).resolve() == (out / "last.pt").resolve():
+        return resume
+    raise UserError(f"{out} holds an earlier run ({held}): --resume {resume} would start over it from another "
+                    f"point and replace its results; pass another --output-dir, or --resume auto to continue the "
+                    f"run in {out}")
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """A process's state letter and start time in clock ticks since boot (/proc/<pid>/stat fields 3 and 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _proc_start(pid: int) -> str | None:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] not in ("Z", "X")
+
+
+def _job(env) -> str | None:
+    """This job's identity across its attempts: the Slurm job (and array task) and the torchrun rendezvous."""
+    slurm = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if slurm and env.get("SLURM_ARRAY_TASK_ID"):
+        slurm += "_" + env["SLURM_ARRAY_TASK_ID"]
+    rdzv = env.get("TORCHELASTIC_RUN_ID")
+    if rdzv in ("", "none"):  # torchrun's default id is shared by unrelated jobs
+        rdzv = None
+    return "/".join(p or "" for p in (slurm, rdzv)) if slurm or rdzv else None
+
+
+def _attempt(env) -> list[int]:
+    return [_count(env, "SLURM_RESTART_COUNT"), _count(env, "TORCHELASTIC_RESTART_COUNT")]
+
+
+class RunLock:
+    """The lock on a run's output folder, held by the run's main process.
+
+        with RunLock(out):          # or lock = RunLock(out).acquire() ... lock.release()
+            train()
+
+    acquire() creates the folder, takes the lock (taking over a stale one, with a message on `say`)
+    or raises a UserError naming the run that holds it.
+    """
+
+    def __init__(self, out, env=os.environ, say=None):
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self.env = env
+        self.say = say or (lambda message: print(message, flush=True))
+        self.token = uuid.uuid4().hex
+        self.owner_pid = None  # the process that holds the lock
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def _record(self) -> dict:
+        pid = os.getpid()
+        return {"host": socket.gethostname(), "pid": pid, "proc_start": _proc_start(pid),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": _job(self.env),
+                "attempt": _attempt(self.env), "token": self.token}
+
+    def acquire(self) -> "RunLock":
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {self.out}: {e.strerror}; pass another --output-dir")
+        for _ in range(5):
+            if self._create():
+                break
+            holder, age = self._read()
+            why = self._stale(holder, age)
+            if why is None:
+                raise UserError(self._in_use(holder))
+            self._take_over(holder, why)
+        else:
+            raise UserError(f"{self.path} keeps changing hands: another run is starting in {self.out}; use "
+                            f"another --output-dir")
+        self.owner_pid = os.getpid()
+        atexit.register(self.release)
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise UserError(f"cannot create the lock file {self.path}: {e.strerror}; pass a writable --output-dir")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._record(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def _read(self):
+        """The holder's record (None if unreadable) and the lock's age in seconds on the file server's clock."""
+        probe = self.out / f".{LOCK_NAME}.{self.token}"
+        try:
+            probe.write_bytes(b"")
+            now = probe.stat().st_mtime
+        except OSError:
+            now = time.time()
+        finally:
+            probe.unlink(missing_ok=True)
+        try:
+            with open(self.path) as f:  # opening revalidates the attributes NFS caches
+                age = now - os.fstat(f.fileno()).st_mtime
+                text = f.read()
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            raise UserError(f"cannot read the lock file {self.path}: {e.strerror}; pass another --output-dir")
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        return (holder if isinstance(holder, dict) else None), age
+
+    def _stale(self, holder, age) -> str | None:
+        """Why the lock's holder is gone, or None if it may still be running."""
+        if age is None:
+            return "it was released"
+        if holder is None:  # being written this instant, or garbage
+            return f"it is unreadable and {age:.0f} s old" if age > STALE_SECONDS else None
+        attempt = holder.get("attempt")
+        if holder.get("job") and holder.get("job") == _job(self.env) and isinstance(attempt, list) \
+                and _attempt(self.env) > attempt:
+            return "it was left by an earlier attempt of this job"
+        if holder.get("host") == socket.gethostname():
+            pid = holder.get("pid")
+            if not isinstance(pid, int) or not _alive(pid):
+                return f"its process {pid} is gone"
+            start = _proc_start(pid)
+            if start is not None and holder.get("proc_start") not in (None, start):
+                return f"its process {pid} is gone (the pid now belongs to another process)"
+            return None
+        if age > STALE_SECONDS:
+            return f"it was last refreshed {age:.0f} s ago (a live run refreshes it every {HEARTBEAT_SECONDS:.0f} s)"
+        return None
+
+    def _take_over(self, holder, why: str) -> None:
+        aside = self.out / f".{LOCK_NAME}.stale.{self.token}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if holder is not None and (not isinstance(moved, dict) or moved.get("token") != holder.get("token")):
+            try:  # another run took the lock in between: give it back
+                os.link(aside, self.path)
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
+        who = _describe(holder) if holder else "an unknown run"
+        self.say(f"taking over the stale lock {self.path} of {who}: {why}")
+
+    def _in_use(self, holder) -> str:
+        if holder is None:
+            return f"{self.out} is in use by a run that is starting now: wait for it, or use another --output-dir"
+        return f"{self.out} is in use by {_describe(holder)}: wait for it, or use another --output-dir"
+
+    def _owned(self) -> bool:
+        try:
+            return json.loads(self.path.read_text()).get("token") == self.token
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            if not self._owned():
+                self.say(f"warning: {self.path} was taken over by another run; results in {self.out} may be mixed")
+                return
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """Remove the lock if this run holds it (safe to call more than once; a forked child never does)."""
+        if self.owner_pid != os.getpid():
+            return
+        self.owner_pid = None
+        self._stop.set()
+        atexit.unregister(self.release)
+        if self._owned():
+            self.path.unlink(missing_ok=True)
+
+
+def _describe(holder: dict) -> str:
+    return f"the run started {holder.get('started')} on {holder.get('host')} (pid {holder.get('pid')})"
+
+
+def open_output_dir(out, resume: str | None, env=os.environ, say=None) -> tuple[RunLock, str | None]:
+    """Lock `out` for this run and check that it may start there: the held lock (released at exit at the
+    latest) and the --resume to use. Call on the main process only, before anything is written to `out`."""
+    lock = RunLock(out, env, say).acquire()
+    try:
+        return lock, resume_for(Path(out), resume, restart_count(env))
+    except BaseException:
+        lock.release()
+        raise
