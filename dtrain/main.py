@@ -27,6 +27,9 @@ def default_output_dir(cfg) -> Path:
     if job and job_id:  # stable across requeues of the same job
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         return Path("runs") / (f"{job}-{job_id}" + (f"_{task}" if task else ""))
+    if cfg.sweep:
+        from dtrain.sweep import run_name
+        return Path("runs") / run_name(cfg)
     return Path("runs") / f"{cfg.arch.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -70,6 +73,10 @@ def run(argv=None) -> dict | None:
         return None
     if getattr(ns, "list_recipes", False):
         print("\n".join(config_mod.list_recipes()))
+        return None
+    if getattr(ns, "sweep_list", False):
+        from dtrain.sweep import listing
+        print(listing(getattr(ns, "sweep", [])))
         return None
     cfg = config_mod.build_config(argv, parser)
 
