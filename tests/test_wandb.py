@@ -59,3 +59,17 @@ def test_api_key_without_network_trains_offline_into_a_fresh_run(tmp_path):
     assert len(runs) == 1, runs
     assert runs[0].name.endswith((out / "wandb_id").read_text())
     assert list(runs[0].glob("*.wandb")) and len(metrics(out)) == 1
+
+
+def test_under_a_sweep_agent_the_id_file_holds_the_run_the_agent_chose(tmp_path):
+    """A W&B agent sets WANDB_SWEEP_ID and WANDB_RUN_ID for each trial; the id file must name the run W&B
+    started, not one dtrain made up."""
+    out, _ = run(tmp_path, ["--epochs", "1", "--wandb-tags", "tag-alpha,tag-beta",
+                                    "--wandb-group", "group-of-trials"], WANDB_MODE="offline",
+                 WANDB_SWEEP_ID="swp12345", WANDB_RUN_ID="agentrun")
+    assert (out / "wandb_id").read_text() == "agentrun"
+    runs = offline_runs(out)
+    assert [p.name.rsplit("-", 1)[1] for p in runs] == ["agentrun"]
+    data = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for text in (b"group-of-trials", b"tag-alpha", b"tag-beta"):
+        assert text in data, text
