@@ -2,6 +2,8 @@
 import socket
 from pathlib import Path
 
+import pytest
+
 from helpers import MAIN, launch, metrics
 
 ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "128", "--batch-size", "32", "--epochs", "2",
@@ -45,6 +47,7 @@ def test_no_wandb_writes_no_wandb_directory(tmp_path):
     assert not (out / "wandb").exists() and (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_api_key_without_network_trains_offline_into_a_fresh_run(tmp_path):
     """A W&B server that accepts connections and never answers (a black-holed network): the run trains,
     logs offline into a local run `wandb sync` can upload, and does not hang at start or exit."""

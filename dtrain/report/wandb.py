@@ -112,7 +112,7 @@ class WandbReporter:
                     return wandb.init(mode="online", settings=wandb.Settings(
                         silent=True, init_timeout=INIT_TIMEOUT, finish_timeout=FINISH_TIMEOUT), **kwargs)
                 except Exception as e:  # no key after all, server down or too slow
-                    failure = f"{type(e).__name__}: {e}"
+                    failure = f"{type(e).__name__}: {' '.join(str(e).split())}"
             self.say(f"W&B online start failed ({failure}); logging offline instead")
             self.mode = "offline"
             kwargs = {**kwargs, "id": secrets.token_hex(4), "resume": None}
@@ -124,8 +124,8 @@ class WandbReporter:
         self.run.config.update({"world_size": info["world_size"], "parameters": info["parameters"]},
                                allow_val_change=True)
         if self.mode == "offline":
-            self.say(f"W&B: offline run in {self.output_dir / 'wandb'} (no API key or --wandb-mode offline); "
-                     f"upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*")
+            self.say(f"W&B: offline run in {self.output_dir / 'wandb'} (no API key, --wandb-mode offline, or no "
+                     f"W&B server); upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*")
 
     def step(self, step: int, metrics: dict) -> None:
         self.run.log({"train/loss": metrics["loss"], "train/lr": metrics["lr"],
