@@ -220,6 +220,8 @@ def load_recipe(name: str) -> dict:
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"recipe {path} is not valid TOML: {e}") from None
         data.pop("description", None)
+        if "sweep" in data or "sweep_index" in data:
+            raise UserError(f"recipe {path}: sweep and sweep_index belong on the command line (--sweep KEY=V1,V2)")
     unknown = sorted(set(data) - set(FIELDS) - {"recipe"})
     if unknown:
         raise UserError(f"recipe {path}: unknown settings {', '.join(unknown)}")
