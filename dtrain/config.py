@@ -1,13 +1,20 @@
 """The run configuration: one typed object built from defaults < recipe < command-line flags.
 
 Every field of `Config` is a command-line flag (`foo_bar` -> `--foo-bar`; booleans get `--foo` and
-`--no-foo`), and a key a recipe file may set. `--recipe NAME|FILE.toml` picks a recipe; without one, the
-arch's default recipe applies (`ARCH_DEFAULT_RECIPE`). The resolved object is saved with every run.
+`--no-foo`), and a key a recipe file may set. `--recipe NAME|FILE.toml|RUN/config.json` picks a recipe;
+without one, the arch's default recipe applies (`ARCH_DEFAULT_RECIPE`). The resolved object is saved with
+every run as config.json, and a run's config.json is itself a recipe: its settings re-run, less the keys in
+`RUN_ONLY_KEYS` (where that run wrote and resumed, its recipe, its place in a sweep).
+
+Flags also take the forms sweep agents and other tools use: `--foo-bar=value`, `--foo_bar value`, and for
+booleans `--foo=true|false` (also True/False, 1/0, yes/no) besides `--foo` / `--no-foo`; list flags take
+`--milestones 3 5`, `--milestones=3,5` or `--milestones=[3, 5]`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -39,7 +46,8 @@ def _f(default, help, choices=None, short=None):
 @dataclass
 class Config:
     # what to train
-    recipe: str | None = _f(None, "recipe name (dtrain/recipes/NAME.toml) or path to a .toml file")
+    recipe: str | None = _f(None, "recipe name (dtrain/recipes/NAME.toml), or the path of a .toml file or "
+                             "of a run's config.json")
     arch: str = _f("resnet18", "model architecture (see --list-archs); tv:<name> for torchvision models")
     norm: str = _f("batch", "normalisation layers of archs that offer a choice", ["batch", "group", "none"])
     aux_logits: bool = _f(False, "googlenet: train with the two 0.3-weighted auxiliary classifiers")
@@ -128,6 +136,12 @@ class Config:
     wandb_name: str | None = _f(None, "W&B run name (default: the output folder's name)")
     wandb_mode: str | None = _f(None, "W&B mode (default: online with an API key, else offline)",
                                 ["online", "offline", "disabled"])
+    wandb_group: str | None = _f(None, "W&B group (default: one per sweep, see --sweep)")
+    wandb_tags: list[str] = _f([], "W&B tags, e.g. --wandb-tags baseline,r18")
+    wandb_notes: str | None = _f(None, "W&B notes: a longer description of the run")
+    sweep: list[str] = _f([], "a grid of runs: KEY=V1,V2,... for any setting, repeatable; this run is "
+                          "combination --sweep-index (default $SLURM_ARRAY_TASK_ID); --sweep-list shows them")
+    sweep_index: int | None = _f(None, "which combination of the --sweep grid this run is (from 0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,21 +193,110 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
+# Keys of a run's config.json that belong to that run alone: re-running it (`--recipe RUN/config.json`)
+# writes a new folder, starts fresh and is not part of the sweep the saved run came from.
+RUN_ONLY_KEYS = ("recipe", "output_dir", "resume", "sweep", "sweep_index")
+
+
 def load_recipe(name: str) -> dict:
-    """A recipe's settings, from a shipped name or a .toml path; unknown keys are errors."""
-    path = Path(name) if name.endswith(".toml") else RECIPE_DIR / f"{name}.toml"
+    """A recipe's settings, from a shipped name, a .toml path or a run's config.json; unknown keys are errors."""
+    is_file = name.endswith((".toml", ".json"))
+    path = Path(name) if is_file else RECIPE_DIR / f"{name}.toml"
     if not path.is_file():
-        raise UserError(f"recipe {name!r} not found: give one of {', '.join(list_recipes())} "
-                        f"or the path of a .toml file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"recipe {path} is not valid TOML: {e}") from None
-    data.pop("description", None)
+        raise UserError(f"recipe {name!r} not found: give one of {', '.join(list_recipes())}, "
+                        f"or the path of a .toml file or of a run's config.json")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"recipe {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"recipe {path} is not a run's config.json (a JSON object of settings)")
+        for key in RUN_ONLY_KEYS:
+            data.pop(key, None)
+    else:
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+        data.pop("description", None)
+        if "sweep" in data or "sweep_index" in data:
+            raise UserError(f"recipe {path}: sweep and sweep_index belong on the command line (--sweep KEY=V1,V2)")
     unknown = sorted(set(data) - set(FIELDS) - {"recipe"})
     if unknown:
         raise UserError(f"recipe {path}: unknown settings {', '.join(unknown)}")
     return {k: _coerce(k, v) for k, v in data.items()}
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool_text(name: str, text: str) -> bool:
+    word = text.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise UserError(f"{name} must be true or false (or 1/0, yes/no), not {text!r}")
+
+
+def _split_list(text: str) -> list[str]:
+    """`3,5`, `[3, 5]` or `3 5` -> ['3', '5'] (the forms a list flag's single value comes in)."""
+    return [v for v in text.strip().strip("[]").replace(",", " ").split() if v]
+
+
+def parse_value(name: str, text: str):
+    """A setting written as text (a --sweep value) -> the field's type, checked like a recipe value."""
+    if name not in FIELDS:
+        raise UserError(f"unknown setting {name!r} (see --help for the settings)")
+    tp, is_list = _base_type(FIELDS[name].type)
+    optional = FIELDS[name].default is None
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    items = _split_list(text) if is_list else [text]
+    try:
+        values = [parse_bool_text(name, v) if tp is bool else tp(v)
+                  for v in items]
+    except ValueError:
+        raise UserError(f"{name} must be of type {tp.__name__}, not {text!r}") from None
+    return _coerce(name, values if is_list else values[0])
+
+
+class _BoolFlag(argparse.Action):
+    """--foo, --foo=VALUE (true/false, 1/0, yes/no) and --no-foo."""
+
+    def __init__(self, option_strings, dest, help=None, **kw):
+        super().__init__(option_strings, dest, nargs="?", metavar="true|false", help=help, **kw)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        negative = option_string.startswith(("--no-", "--no_"))
+        if negative and value is not None:
+            parser.error(f"{option_string} takes no value (use --{option_string[5:]}=false)")
+        try:
+            flag = True if value is None else parse_bool_text(option_string, value)
+        except UserError as e:
+            parser.error(str(e))
+        setattr(namespace, self.dest, flag != negative)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action):
+        if isinstance(action, _BoolFlag):
+            return f"{action.option_strings[0]}[=true|false], " + ", ".join(action.option_strings[1:])
+        return super()._format_action_invocation(action)
+
+
+class _ListFlag(argparse.Action):
+    """--foo A B, --foo=A,B or --foo=[A, B]: the values of one occurrence, each converted."""
+
+    def __init__(self, option_strings, dest, type=None, **kw):
+        super().__init__(option_strings, dest, nargs="*", **kw)
+        self.item_type = type
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = [v for text in values for v in _split_list(text)]
+        try:
+            setattr(namespace, self.dest, [self.item_type(v) for v in items])
+        except ValueError:
+            parser.error(f"{option_string}: invalid {self.item_type.__name__} value in {' '.join(values)!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,29 +304,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dtrain/main.py",
         description="Train an image classifier on 1..N processes (run it with accelerate launch, torchrun, "
                     "or plain python). Flags override the recipe; see README.md.",
-        argument_default=argparse.SUPPRESS)
+        argument_default=argparse.SUPPRESS, formatter_class=_HelpFormatter)
     p.add_argument("--list-archs", action="store_true", help="print the available architectures and exit")
     p.add_argument("--list-recipes", action="store_true", help="print the shipped recipes and exit")
+    p.add_argument("--sweep-list", action="store_true",
+                   help="print the combinations of the --sweep grid and the --array to submit, and exit")
+    p.add_argument("--sweep_list", action="store_true", dest="sweep_list", help=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
         tp, is_list = _base_type(f.type)
-        meta = dict(help=f.metadata["help"])
-        names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        kw = dict(dest=f.name)
         if tp is bool:
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, **meta)
+            kw.update(action=_BoolFlag)
+        elif f.name == "sweep":
+            kw.update(action="append", metavar="KEY=V1,V2,...")
         elif is_list:
-            p.add_argument(*names, dest=f.name, type=tp, nargs="*", **meta)
+            kw.update(action=_ListFlag, type=tp)
         else:
-            p.add_argument(*names, dest=f.name, type=tp, choices=f.metadata.get("choices"), **meta)
+            kw.update(type=tp, choices=f.metadata.get("choices"))
+        names = ["--" + f.name.replace("_", "-")] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        if tp is bool:
+            names.append("--no-" + f.name.replace("_", "-"))
+        p.add_argument(*names, help=f.metadata["help"], **kw)
+        if "_" in f.name:  # the spelling of the field itself, as sweep agents write it; not in --help
+            aliases = ["--" + f.name] + (["--no_" + f.name] if tp is bool else [])
+            p.add_argument(*aliases, help=argparse.SUPPRESS, **kw)
     return p
 
 
 def build_config(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Config:
     """Defaults < recipe (named, or the arch's default) < flags given on the command line."""
     args = vars((parser or build_parser()).parse_args(argv))
-    for flag in ("list_archs", "list_recipes"):
+    for flag in ("list_archs", "list_recipes", "sweep_list"):
         args.pop(flag, None)
-    return resolve(args)
+    from dtrain.sweep import apply_sweep
+    return resolve(apply_sweep(args))
 
 
 def resolve(overrides: dict) -> Config:

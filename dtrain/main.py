@@ -41,6 +41,14 @@ from dtrain.optim import OptimSpec, build_optimizer
 from dtrain.preempt import StopSignal
 from dtrain.report.build import make_reporters
 from dtrain.rundir import default_output_dir, open_output_dir
+from dtrain.sweep import listing, run_name
+
+
+def run_output_dir(cfg) -> Path:
+    """--output-dir, or the default folder (a sweep's combination gets a name made of its values)."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return default_output_dir(cfg.arch, run_name(cfg) if cfg.sweep else None)
 
 
 def find_resume(cfg, out: Path):
@@ -69,6 +77,9 @@ def parse_config(argv):
         return None
     if getattr(ns, "list_recipes", False):
         print("\n".join(config_mod.list_recipes()))
+        return None
+    if getattr(ns, "sweep_list", False):
+        print(listing(getattr(ns, "sweep", [])))
         return None
     return config_mod.build_config(argv, parser)
 
@@ -145,7 +156,7 @@ def run(argv=None) -> dict | None:
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
-    out = Path(broadcast(acc, str(Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.arch))))
+    out = Path(broadcast(acc, str(run_output_dir(cfg))))
     cfg.output_dir = str(out)
     cfg.resume = run_on_main(acc, lambda: open_output_dir(out, cfg.resume)[1])  # locked until exit
     ckpt = find_resume(cfg, out)

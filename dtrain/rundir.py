@@ -43,13 +43,19 @@ STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 RESULTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
 
 
-def default_output_dir(arch: str, env=os.environ) -> Path:
-    """runs/<job>-<id>[_<task>] under Slurm (the same folder for every requeue of a job), else runs/<arch>-<time>."""
+def default_output_dir(arch: str, name: str | None = None, env=os.environ) -> Path:
+    """runs/<job>-<id>[_<task>] under Slurm (the same folder for every requeue of a job); else runs/<name>
+    when given (a sweep's combination); else, under torchrun, runs/<arch>-<run id> (the same folder on every
+    process and every restart of the job); else runs/<arch>-<time>."""
     job, job_id = env.get("SLURM_JOB_NAME"), env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
     if job and job_id:
         task = env.get("SLURM_ARRAY_TASK_ID")
         return Path("runs") / (f"{job}-{job_id}" + (f"_{task}" if task else ""))
-    return Path("runs") / f"{arch.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if name:
+        return Path("runs") / name
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    stamp = run_id[:8] if run_id and run_id != "none" else time.strftime('%Y%m%d-%H%M%S')
+    return Path("runs") / f"{arch.replace(':', '-')}-{stamp}"
 
 
 def _count(env, name: str) -> int:

@@ -1,4 +1,5 @@
 """Config: defaults < recipe < flags; the shipped seed recipes hold exactly the seeds' settings."""
+import dataclasses
 import json
 
 import pytest
@@ -42,6 +43,9 @@ def test_recipe_file_and_its_errors(tmp_path):
         build_config(["--recipe", str(f)])
     with pytest.raises(UserError, match="seed-resnet18"):
         build_config(["--recipe", "no-such-recipe"])
+    f.write_text('arch = "cnn"\nsweep = ["seed=0,1"]\n')
+    with pytest.raises(UserError, match="belong on the command line"):
+        build_config(["--recipe", str(f)])
 
 
 def test_every_shipped_recipe_loads():
@@ -54,3 +58,32 @@ def test_config_round_trips_through_json():
     c = build_config(["--arch", "cnn", "--milestones", "3", "5"])
     assert config_from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert isinstance(Config(), Config)
+
+
+def test_a_runs_config_json_re_runs_to_the_same_settings(tmp_path):
+    c = build_config(["--arch", "googlenet", "--epochs", "3", "--no-hflip", "--milestones", "2", "4", "--seed", "5",
+                      "--output-dir", str(tmp_path / "first"), "--resume", "auto", "--grad-clip", "1"])
+    saved = tmp_path / "first" / "config.json"
+    saved.parent.mkdir()
+    saved.write_text(json.dumps(c.to_dict(), indent=2))  # as dtrain/main.py writes it
+    again = build_config(["--recipe", str(saved)])
+    assert again.recipe == str(saved) and again.output_dir is None and again.resume is None
+    assert dataclasses.replace(again, recipe=c.recipe, output_dir=c.output_dir, resume=c.resume) == c
+    other_seed = build_config(["--recipe", str(saved), "--seed", "1"])
+    assert other_seed.seed == 1 and dataclasses.replace(other_seed, seed=5) == again
+
+
+def test_a_broken_config_json_is_a_clear_error(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text('{"arch": "cnn", ')
+    with pytest.raises(UserError, match="not valid JSON"):
+        build_config(["--recipe", str(f)])
+    f.write_text('["cnn"]')
+    with pytest.raises(UserError, match="not a run's config.json"):
+        build_config(["--recipe", str(f)])
+    f.write_text('{"arch": "cnn", "learning_rate": 0.1}')
+    with pytest.raises(UserError, match="unknown settings learning_rate"):
+        build_config(["--recipe", str(f)])
+    f.write_text('{"arch": "cnn", "epochs": "many"}')
+    with pytest.raises(UserError, match="epochs must be of type int"):
+        build_config(["--recipe", str(f)])

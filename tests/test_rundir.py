@@ -307,7 +307,13 @@ def test_resume_decisions(tmp_path):
 
 def test_default_output_dir_is_stable_across_requeues():
     slurm = {"SLURM_JOB_NAME": "cifar", "SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "10", "SLURM_ARRAY_TASK_ID": "2"}
-    assert default_output_dir("resnet18", slurm) == Path("runs/cifar-10_2")
-    assert default_output_dir("resnet18", {"SLURM_JOB_NAME": "cifar", "SLURM_JOB_ID": "12"}) == Path("runs/cifar-12")
-    name = default_output_dir("timm:resnet50", {}).name
+    assert default_output_dir("resnet18", env=slurm) == Path("runs/cifar-10_2")
+    assert default_output_dir("resnet18", env={"SLURM_JOB_NAME": "cifar", "SLURM_JOB_ID": "12"}) == Path("runs/cifar-12")
+    name = default_output_dir("timm:resnet50", env={}).name
     assert name.startswith("timm-resnet50-") and len(name) == len("timm-resnet50-") + len("20260101-000000")
+
+
+def test_default_output_dir_is_one_folder_for_every_process_and_restart_of_a_torchrun_job():
+    env = {"TORCHELASTIC_RUN_ID": "3f2a9c1b-77", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert default_output_dir("cnn", env=env) == Path("runs/cnn-3f2a9c1b")
+    assert default_output_dir("cnn", "cnn-lr0.1-seed1", env=env) == Path("runs/cnn-lr0.1-seed1")

@@ -17,9 +17,9 @@ def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bo
     from dtrain.report.metrics import MetricsFile
     console = ConsoleReporter()
     members = [console, MetricsFile(output_dir, resumed_epoch)]
-    if cfg.wandb and resolve_wandb_mode(cfg) != "disabled":
-        from dtrain.report.wandb import WandbReporter
-        members.append(WandbReporter(cfg, output_dir, console.message))
+    if cfg.wandb and resolve_wandb_mode(cfg.wandb_mode) != "disabled":
+        from dtrain.report.wandb import WandbReporter, WandbSpec
+        members.append(WandbReporter(WandbSpec.from_config(cfg), output_dir, console.message))
     if cfg.tensorboard:
         from dtrain.report.tensorboard import TensorBoardReporter
         members.append(TensorBoardReporter(output_dir, resumed=resumed_epoch is not None))

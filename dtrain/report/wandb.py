@@ -2,16 +2,55 @@
 
 Mode: --wandb-mode, else $WANDB_MODE, else online when an API key is configured and offline when not
 (wandb.init would otherwise stop at once with "No API key configured", or prompt). Offline runs go to
-<output-dir>/wandb and are uploaded later with `wandb sync`. The run id is kept in <output-dir>/wandb_id,
-so a resumed or requeued run continues the same W&B run.
+<output-dir>/wandb and are uploaded later with `wandb sync`.
+
+Online start on a node without network (the usual cluster compute node): the W&B server is first asked for
+any answer within PROBE_SECONDS (name lookup included), then wandb.init gets `init_timeout=INIT_TIMEOUT`.
+When either fails the run logs offline instead, into a fresh local run (W&B keeps the failed start's id
+busy), which `wandb sync` uploads later: at most PROBE_SECONDS are lost when the server cannot be reached,
+PROBE_SECONDS + INIT_TIMEOUT when it answers but does not start the run. An offline run's finish waits on
+nothing; an online run's waits at most FINISH_TIMEOUT for its last uploads (what is left, `wandb sync`
+uploads).
+
+The id of the run W&B started is written to <output-dir>/wandb_id once wandb.init returns, and a resumed or
+requeued run continues that run. Under a W&B sweep agent ($WANDB_SWEEP_ID set) the agent picks the run: no
+id is passed or resumed.
 """
 from __future__ import annotations
 
 import os
 import secrets
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ID_FILE = "wandb_id"
+PROBE_SECONDS = 10.0
+INIT_TIMEOUT = 20.0
+FINISH_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class WandbSpec:
+    """What the W&B run needs from the Config."""
+    project: str = "dtrain"
+    entity: str | None = None
+    name: str | None = None
+    mode: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    notes: str | None = None
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg) -> "WandbSpec":
+        from dtrain.sweep import group_name
+        return cls(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, cfg.wandb_mode,
+                   cfg.wandb_group or group_name(cfg), tuple(cfg.wandb_tags), cfg.wandb_notes, cfg.to_dict())
+
+
+def base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
 def has_api_key() -> bool:
@@ -19,45 +58,74 @@ def has_api_key() -> bool:
         return True
     try:  # the key `wandb login` stores in ~/.netrc
         from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
-        return bool(read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
+        return bool(read_netrc_auth(host=base_url()))
     except Exception:
         return False
 
 
-def resolve_mode(cfg) -> str:
-    return cfg.wandb_mode or os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
+def resolve_mode(requested: str | None) -> str:
+    return requested or os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
+
+
+def server_unreachable(url: str, seconds: float) -> str | None:
+    """Why `url` gives no HTTP answer within `seconds` (name lookup included), or None when it answers."""
+    import requests
+    failure = []
+
+    def probe():
+        try:
+            requests.get(url, timeout=seconds).close()
+        except requests.RequestException as e:
+            failure.append(f"{url}: {type(e).__name__}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        return f"{url} did not answer in {seconds:g} s"
+    return failure[0] if failure else None
 
 
 class WandbReporter:
-    def __init__(self, cfg, output_dir: Path, say):
+    def __init__(self, spec: WandbSpec, output_dir: Path, say):
         import wandb
         self.wandb, self.say = wandb, say
-        self.mode = resolve_mode(cfg)
+        self.mode = resolve_mode(spec.mode)
         self.output_dir = Path(output_dir)
-        id_file = self.output_dir / ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
-        kwargs = dict(project=cfg.wandb_project, entity=cfg.wandb_entity,
-                      name=cfg.wandb_name or self.output_dir.name, id=run_id, resume="allow",
-                      dir=str(self.output_dir), config=cfg.to_dict())
-        try:
-            self.run = wandb.init(mode=self.mode, settings=wandb.Settings(silent=True, init_timeout=60), **kwargs)
-        except Exception as e:  # no key after all, no network, server down: keep training, log offline
-            if self.mode != "online":
-                raise
-            say(f"W&B online start failed ({type(e).__name__}: {e}); logging offline instead")
-            self.mode = "offline"
-            self.run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        kwargs = dict(project=spec.project, entity=spec.entity, name=spec.name or self.output_dir.name,
+                      group=spec.group, tags=list(spec.tags) or None, notes=spec.notes,
+                      dir=str(self.output_dir), config=spec.config)
+        id_file = self.output_dir / ID_FILE
+        if not os.environ.get("WANDB_SWEEP_ID"):
+            kwargs.update(id=id_file.read_text().strip() if id_file.exists() else None, resume="allow")
+        self.run = self._init(kwargs)
+        id_file.write_text(self.run.id)
         self.classes = None
+
+    def _init(self, kwargs: dict):
+        wandb = self.wandb
+        if self.mode == "online":
+            failure = server_unreachable(base_url(), PROBE_SECONDS)
+            if failure is None:
+                try:
+                    return wandb.init(mode="online", settings=wandb.Settings(
+                        silent=True, init_timeout=INIT_TIMEOUT, finish_timeout=FINISH_TIMEOUT), **kwargs)
+                except Exception as e:  # no key after all, server down or too slow
+                    failure = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            self.say(f"W&B online start failed ({failure}); logging offline instead")
+            self.mode = "offline"
+            kwargs = {**kwargs, "id": secrets.token_hex(4), "resume": None}
+        wandb.setup(settings=wandb.Settings(mode=self.mode))  # W&B's own analytics stay offline too
+        return wandb.init(mode=self.mode, settings=wandb.Settings(silent=True), **kwargs)
 
     def start(self, cfg, info: dict) -> None:
         self.classes = info.get("classes")
         self.run.config.update({"world_size": info["world_size"], "parameters": info["parameters"]},
                                allow_val_change=True)
         if self.mode == "offline":
-            self.say(f"W&B: offline run in {self.output_dir / 'wandb'} (no API key or --wandb-mode offline); "
-                     f"upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*")
+            self.say(f"W&B: offline run in {self.output_dir / 'wandb'} (no API key, --wandb-mode offline, or no "
+                     f"W&B server); upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*")
 
     def step(self, step: int, metrics: dict) -> None:
         self.run.log({"train/loss": metrics["loss"], "train/lr": metrics["lr"],

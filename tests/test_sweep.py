@@ -1,0 +1,100 @@
+"""--sweep grids: the combinations in a documented order, one per --sweep-index or Slurm array task, each with
+its own output dir and a shared W&B group; mistakes are one clear line."""
+import json
+import re
+
+import pytest
+
+from dtrain.config import build_config
+from dtrain.errors import UserError
+from dtrain.main import run_output_dir
+from dtrain.report.wandb import WandbSpec
+from dtrain.sweep import combinations, listing
+from helpers import MAIN, launch
+
+GRID = ["--arch", "cnn", "--sweep", "lr=0.05,0.1", "--sweep", "hflip=true,false"]
+NO_SLURM = ("SLURM_JOB_NAME", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch):
+    for k in NO_SLURM:
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_a_2x2_grid_gives_its_4_combinations_in_order_with_4_output_dirs_and_one_group():
+    configs = [build_config([*GRID, "--sweep-index", str(i)]) for i in range(4)]
+    assert [(c.lr, c.hflip) for c in configs] == [(0.05, True), (0.05, False), (0.1, True), (0.1, False)]
+    assert all(c.sweep == ["lr=0.05,0.1", "hflip=true,false"] and c.arch == "cnn" for c in configs)
+    assert [c.sweep_index for c in configs] == [0, 1, 2, 3]
+    dirs = [str(run_output_dir(c)) for c in configs]
+    assert dirs == ["runs/cnn-lr0.05-hfliptrue", "runs/cnn-lr0.05-hflipfalse",
+                    "runs/cnn-lr0.1-hfliptrue", "runs/cnn-lr0.1-hflipfalse"]
+    groups = {WandbSpec.from_config(c).group for c in configs}
+    assert len(groups) == 1 and None not in groups
+    other = build_config(["--arch", "cnn", "--sweep", "lr=0.05,0.2", "--sweep-index", "0"])
+    assert WandbSpec.from_config(other).group not in groups
+    assert WandbSpec.from_config(build_config([*GRID, "--sweep-index", "0", "--wandb-group", "mine"])).group == "mine"
+
+
+def test_values_take_their_settings_types():
+    grid = combinations(["seed=0,1", "label_smoothing=0,0.1", "scheduler=cosine,none", "grad-clip=none,1"])
+    assert grid[0] == {"seed": 0, "label_smoothing": 0.0, "scheduler": "cosine", "grad_clip": None}
+    assert len(grid) == 16 and grid[-1] == {"seed": 1, "label_smoothing": 0.1, "scheduler": "none", "grad_clip": 1.0}
+    assert type(grid[-1]["label_smoothing"]) is float and type(grid[-1]["seed"]) is int
+
+
+def test_a_slurm_array_task_is_its_combination_in_the_jobs_folder_and_group(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NAME", "cifar")
+    monkeypatch.setenv("SLURM_JOB_ID", "108")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "105")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    c = build_config(GRID)
+    assert (c.sweep_index, c.lr, c.hflip) == (3, 0.1, False)
+    assert str(run_output_dir(c)) == "runs/cifar-105_3"
+    assert WandbSpec.from_config(c).group == "cifar-105"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")  # an array larger than the grid: the extra task fails
+    with pytest.raises(UserError, match=r"--sweep-index 4 is past the end of the sweep: it has 4 combinations"):
+        build_config(GRID)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "learning_rate=0.1,0.2", "--sweep-index", "0"], "'learning_rate' is not a setting"),
+    (["--sweep", "lr=0.1,fast", "--sweep-index", "0"], "lr must be of type float, not 'fast'"),
+    (["--sweep", "seed=0,1.5", "--sweep-index", "0"], "seed must be of type int"),
+    (["--sweep", "hflip=true,maybe", "--sweep-index", "0"], "hflip must be true or false"),
+    (["--sweep", "scheduler=cosine,sometimes", "--sweep-index", "0"], "scheduler must be one of"),
+    (["--sweep", "lr", "--sweep-index", "0"], "write KEY=V1,V2"),
+    (["--sweep", "seed=0,1", "--sweep", "seed=2", "--sweep-index", "0"], "seed is swept twice"),
+    (["--sweep", "seed=0,1", "--sweep-index", "2"], "--sweep-index 2 is past the end of the sweep"),
+    (["--sweep", "seed=0,1", "--sweep-index", "-1"], "past the end"),
+    (["--sweep", "seed=0,1"], "--sweep-index N"),
+    (["--sweep-index", "0"], "--sweep-index needs a grid"),
+    (["--sweep", "seed=0,1", "--sweep-index", "0", "--seed", "3"], "--seed is given and also swept"),
+])
+def test_sweep_mistakes_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_config(["--arch", "cnn", *argv])
+
+
+def test_sweep_list_prints_each_combination_and_the_array_to_submit(tmp_path):
+    assert listing(["lr=0.05,0.1", "hflip=true,false"]).splitlines() == [
+        "0: lr=0.05 hflip=true", "1: lr=0.05 hflip=false", "2: lr=0.1 hflip=true", "3: lr=0.1 hflip=false",
+        "4 combinations; submit them with: sbatch --array=0-3 ... (or run each with --sweep-index N)"]
+    r = launch(MAIN, [*GRID, "--sweep", "seed=0,1,2", "--sweep-list"], cwd=tmp_path)
+    assert "sbatch --array=0-11" in r.stdout and "11: lr=0.1 hflip=false seed=2" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_run_trains_its_combination_into_its_folder_and_re_runs_from_its_config_json(tmp_path):
+    args = ["--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--epochs", "1", "--no-wandb",
+            "--no-plots", "--sweep", "seed=0,1", "--sweep", "lr=0.1"]
+    r = launch(MAIN, ["--arch", "cnn", *args, "--sweep-index", "2"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --sweep-index 2 is past")
+    launch(MAIN, ["--arch", "cnn", *args, "--sweep-index", "1"], cwd=tmp_path)
+    saved = json.loads((tmp_path / "runs" / "cnn-seed1-lr0.1" / "config.json").read_text())
+    assert (saved["seed"], saved["lr"], saved["sweep"], saved["sweep_index"]) == (1, 0.1, ["seed=0,1", "lr=0.1"], 1)
+    again = build_config(["--recipe", str(tmp_path / "runs" / "cnn-seed1-lr0.1" / "config.json")]).to_dict()
+    dropped = ("recipe", "output_dir", "resume", "sweep", "sweep_index")
+    assert {k: v for k, v in again.items() if k not in dropped} == {k: v for k, v in saved.items() if k not in dropped}
+    assert again["sweep"] == [] and again["sweep_index"] is None and again["output_dir"] is None
