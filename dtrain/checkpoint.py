@@ -63,6 +63,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give the path of a last.pt or best.pt written by "
                         f"dtrain/main.py")
+    if path.suffix == ".safetensors":  # the deployable weights `dtrain export` writes, with the same metadata
+        from dtrain.export import load_safetensors
+        return load_safetensors(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:

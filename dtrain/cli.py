@@ -17,6 +17,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dtrain.main", "train a model (dtrain train --help for its options)"),
     "predict": ("dtrain.predict", "predict with a checkpoint: a CSV, accuracy on labelled data, or top-5 per image"),
+    "summarize": ("dtrain.summarize", "one table over many runs: mean ± std over seeds per setting"),
+    "export": ("dtrain.export", "write a checkpoint's weights as safetensors or ONNX for deployment"),
 }
 
 

@@ -67,8 +67,6 @@ def test_safetensors_holds_the_ema_weights_and_predicts_like_the_checkpoint(trai
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs dtrain.checkpoint.load_checkpoint to read .safetensors "
-                                       "through dtrain.export.load_safetensors (integration); then drop this mark")
 def test_predict_reads_the_safetensors_like_the_checkpoint(trained, tmp_path):
     data, best = trained
     model = tmp_path / "model.safetensors"
