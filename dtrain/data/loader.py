@@ -15,6 +15,7 @@ from PIL import Image
 from dtrain.data import ImageSet
 from dtrain.data.sampler import TrainShards, eval_shard
 from dtrain.errors import UserError
+from dtrain.preempt import ignore_stop_signals
 
 
 def decode_image(path: str | Path, size: int | None, channels: int = 3) -> np.ndarray:
@@ -112,6 +113,7 @@ class FileLoader(_Loader):
         loader = torch.utils.data.DataLoader(
             FileImages(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
             collate_fn=_whole_batch, pin_memory=self.device.type == "cuda", persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,
             prefetch_factor=4 if self.workers else None)
         try:
             for x, y, idx in loader:
