@@ -51,7 +51,7 @@ def find_resume(cfg, out: Path):
 
 def run(argv=None) -> dict | None:
     from dtrain import config as config_mod
-    from dtrain.checkpoint import atomic_write
+    from dtrain.checkpoint import atomic_write, make_output_dir, remove_stale_temp_files
     from dtrain.data import load_dataset, stats
     from dtrain.data.augment import AugmentSpec, Pipeline
     from dtrain.data.loader import make_loader
@@ -122,7 +122,7 @@ def run(argv=None) -> dict | None:
             "in_channels": train_set.channels, "image_size": image_size, "classes": list(train_set.classes),
             "mean": list(mean), "std": list(std), "config": cfg.to_dict()}
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(make_output_dir(out))
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
     reporters = make_reporters(cfg, out, None if ckpt is None else ckpt["epoch"], acc.is_main_process)
     stop = StopSignal().install()
