@@ -80,8 +80,7 @@ def folder_run(image_folder, out):
 def assert_saved_mid_epoch(out: Path, text: str, sig) -> None:
     stops = STOP_LINE.findall(text)
     assert stops and all(int(s[0]) == sig for s in stops), text
-    assert "is killed by signal" not in text and "Traceback (most recent call last)" not in text.split(
-        "SignalException")[0], text
+    assert "is killed by signal" not in text and f'File "{REPO / "dtrain"}' not in text, text  # no dtrain traceback
     step, batch, nb = int(stops[0][1]), int(stops[0][3]), int(stops[0][4])
     assert 0 < batch < nb, text
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
