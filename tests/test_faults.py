@@ -121,6 +121,7 @@ def test_second_ctrl_c_aborts_at_once_and_signals_after_a_stop_are_absorbed(monk
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     try:
         stop = StopSignal().install()
+        assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT            # the first Ctrl-C asks for a save
         with pytest.raises(KeyboardInterrupt):
