@@ -9,7 +9,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from dtrain.checkpoint import atomic_write, remove_stale_temp_files
 from dtrain.errors import UserError
-from helpers import MAIN, REPO, env, free_port, metrics, train, write_cifar
+from helpers import MAIN, REPO, free_port, metrics, signal_mid_run, train, write_cifar
 
 STOP_LINE = re.compile(r"stopped by signal (\d+) at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
 FAKE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--workers", "0"]
@@ -39,36 +38,6 @@ def image_folder(tmp_path_factory) -> Path:
                 x = np.clip(rng.normal(80 + 90 * c, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(x).save(d / f"{i}.png")
     return root
-
-
-def signal_group_mid_epoch(cmd, sig, out: Path, again_after: float | None = None, timeout: int = 180):
-    """Start `cmd` in a session of its own, send `sig` to its whole process group once training runs (and
-    again after `again_after` seconds); returns (exit status, output)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines, started = [], threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("output: "):
-                started.set()
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        assert started.wait(timeout), "".join(lines)
-        time.sleep(1.0)                     # into the epoch: workers decoding, steps running
-        os.killpg(proc.pid, sig)
-        if again_after is not None:
-            time.sleep(again_after)
-            os.killpg(proc.pid, sig)
-        rc = proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    thread.join(10)
-    return rc, "".join(lines)
 
 
 def folder_run(image_folder, out):
@@ -93,7 +62,8 @@ def test_stop_signal_to_the_group_with_workers_saves_and_exits_0(image_folder, t
     """What scancel, timeout, docker stop and Ctrl-C do: the signal reaches the DataLoader workers too.
     The run saves last.pt at the next step and exits 0; a second SIGTERM during the save is absorbed."""
     out = tmp_path / "run"
-    rc, text = signal_group_mid_epoch([sys.executable, MAIN, *folder_run(image_folder, out)], sig, out, again)
+    rc, text = signal_mid_run([sys.executable, MAIN, *folder_run(image_folder, out)], sig, delay=1.0,
+                              again_after=again)
     assert rc == 0, text
     assert_saved_mid_epoch(out, text, sig)
     if sig == signal.SIGINT:
@@ -110,7 +80,7 @@ def test_stop_signal_to_the_group_of_two_processes_saves(image_folder, tmp_path,
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), MAIN, *folder_run(image_folder, out)]
-    rc, text = signal_group_mid_epoch(cmd, sig, out)
+    rc, text = signal_mid_run(cmd, sig, delay=1.0)
     assert_saved_mid_epoch(out, text, sig)
     assert len(STOP_LINE.findall(text)) == 1, text        # reported once, by the main process
 
