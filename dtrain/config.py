@@ -3,6 +3,8 @@
 Every field of `Config` is a command-line flag (`foo_bar` -> `--foo-bar`; booleans get `--foo` and
 `--no-foo`), and a key a recipe file may set. `--recipe NAME|FILE.toml` picks a recipe; without one, the
 arch's default recipe applies (`ARCH_DEFAULT_RECIPE`). The resolved object is saved with every run.
+Each field declares the rule its value obeys (`check=`, e.g. `at_least(1)`); `validate` checks them all, and
+the few rules between fields (`CROSS_CHECKS`), when the Config is built: a bad value names its flag.
 """
 from __future__ import annotations
 

@@ -70,7 +70,6 @@ def test_stop_signal_to_the_group_with_workers_saves_and_exits_0(image_folder, t
         assert "Ctrl-C: saving last.pt at the next step" in text
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_stop_signal_to_the_group_of_two_processes_saves(image_folder, tmp_path, sig):
     """Two processes under accelerate launch: the launcher forwards the signal once more to its workers,

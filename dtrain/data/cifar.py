@@ -51,7 +51,7 @@ def _read_split(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         if "data" not in d or "labels" not in d:
             raise UserError(f"{p} lacks the 'data' or 'labels' entry of a CIFAR batch")
         x, y = np.asarray(d["data"]), np.asarray(d["labels"])
-        if x.dtype.kind not in "ui" or x.size and (x.min() < 0 or x.max() > 255):
+        if x.dtype != np.uint8 and (x.dtype.kind not in "ui" or x.size and (x.min() < 0 or x.max() > 255)):
             raise UserError(f"{p}: pixels must be integers 0..255 (uint8), got {x.dtype} values; re-export the "
                             f"batch with uint8 pixels rather than training on cast values")
         if y.size and y.dtype.kind not in "ui":
