@@ -81,7 +81,8 @@ class Config:
     dataset: str = _f("cifar10", "dataset format", ["cifar10", "fake", "kaggle", "imagefolder", "mnist"])
     data_dir: str = _f("data", "dataset root folder")
     download: bool = _f(True, "download the dataset if it is absent (cifar10, mnist)")
-    val_split: int = _f(0, "hold out N labelled training images for validation (kaggle, imagefolder)", check=at_least(0))
+    val_split: int = _f(0, "hold out N labelled training images for validation (kaggle, imagefolder)",
+                        check=at_least(0))
     image_size: int | None = _f(None, "resize images to this size (default: the dataset's own)", check=at_least(1))
     normalize: str = _f("dataset", "input normalisation: the dataset's known mean/std, 'auto' (computed "
                         "over the training images), 'imagenet', or 'none'",
@@ -121,10 +122,12 @@ class Config:
     scheduler: str = _f("cosine", "learning-rate schedule",
                         ["cosine", "plateau", "multistep", "onecycle", "linear", "none"])
     onecycle_start: float = _f(0.04, "onecycle: LR factor at the first step", check=at_least(0))
-    onecycle_peak: float = _f(0.25, "onecycle: fraction of training at which the LR peaks", check=in_range(0, 1, True, True))
+    onecycle_peak: float = _f(0.25, "onecycle: fraction of training at which the LR peaks",
+                              check=in_range(0, 1, True, True))
     onecycle_end: float = _f(0.0, "onecycle: LR factor at the last step", check=at_least(0))
     warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", check=at_least(0))
-    milestones: list[int] = _f([150, 225], "multistep: epochs at which the LR is multiplied by --gamma", check=each(at_least(0)))
+    milestones: list[int] = _f([150, 225], "multistep: epochs at which the LR is multiplied by --gamma",
+                               check=each(at_least(0)))
     gamma: float = _f(0.1, "multistep: LR factor at each milestone", check=positive)
     plateau_monitor: str = _f("val_loss", "plateau: metric watched", ["val_loss", "val_acc"])
     plateau_patience: int = _f(10, "plateau: epochs without improvement before the LR drops", check=at_least(0))
@@ -137,7 +140,8 @@ class Config:
     tta_shift: int = _f(0, "with --tta: also average the mirrored pairs of the image shifted diagonally by "
                         "-N and +N pixels (reflect padding), weight 1/2 in all (airbench: 1)", check=at_least(0))
     lookahead: int = _f(0, "with --ema DECAY: every N optimiser steps the trained weights jump to the "
-                        "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)", check=at_least(0))
+                        "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)",
+                        check=at_least(0))
     # system
     seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)", check=at_least(0))
     precision: str | None = _f(None, "mixed precision (default: the accelerate config/launcher's)",
