@@ -18,8 +18,10 @@ A checkpoint is a plain dict of tensors and primitive values, so `torch.load(wei
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,23 +35,112 @@ VERSION = 1
 MODEL_KEYS = ("arch", "arch_args", "num_classes", "in_channels", "image_size", "classes", "mean", "std", "model")
 
 
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temp files
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE = 1 << 20
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`.
 
-    A kill at any moment leaves either the old file or the new one, never a half-written one.
+    A kill at any moment leaves either the old file or the new one, never a half-written one. The file gets
+    the mode an ordinary new file would (0666 less the umask). A full disk, a read-only folder or a file in
+    the way of the folder is a UserError naming the path (the old file is kept).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_output_dir(path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise UserError(f"disk full writing {path}: free space on {_mount_point(path.parent)} or use "
+                            f"another --output-dir") from None
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def make_output_dir(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) and return it; a file in the way or a read-only place is a
+    UserError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(folder, e) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {folder}: the folder is read-only (for this user); make it writable "
+                        f"or use another --output-dir")
+    return folder
+
+
+def remove_stale_temp_files(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that interrupted atomic_write calls left in `out_dir`; returns their paths.
+    Call it while no other process writes into `out_dir` (at the start of a run)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    stale = [p for p in sorted(out_dir.iterdir()) if TEMP_NAME.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space (torch.save reports it as a RuntimeError, not ENOSPC)."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    if isinstance(e, (OSError, RuntimeError)):
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _LOW_SPACE
+    return False
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _write_error(path: Path, e: OSError) -> UserError:
+    if e.errno in _DISK_FULL:
+        return UserError(f"disk full writing {path}: free space on {_mount_point(path.parent)} or use another "
+                         f"--output-dir")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write {path}: {e.strerror.lower()} (the folder is read-only for this user); "
+                         f"make it writable or use another --output-dir")
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        return UserError(f"cannot write {path}: {blocker} is a file, not a folder; move it or use another "
+                         f"--output-dir")
+    return UserError(f"cannot write {path}: {e.strerror or e}; check the folder or use another --output-dir")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

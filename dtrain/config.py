@@ -9,17 +9,21 @@ every run as config.json, and a run's config.json is itself a recipe: its settin
 Flags also take the forms sweep agents and other tools use: `--foo-bar=value`, `--foo_bar value`, and for
 booleans `--foo=true|false` (also True/False, 1/0, yes/no) besides `--foo` / `--no-foo`; list flags take
 `--milestones 3 5`, `--milestones=3,5` or `--milestones=[3, 5]`.
+Each field declares the rule its value obeys (`check=`, e.g. `at_least(1)`); `validate` checks them all, and
+the few rules between fields (`CROSS_CHECKS`), when the Config is built: a bad value names its flag.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dtrain.errors import UserError
 
@@ -36,8 +40,36 @@ ARCH_DEFAULT_RECIPE = {
 }
 
 
-def _f(default, help, choices=None, short=None):
-    meta = {"help": help, "choices": choices, "short": short}
+@dataclass(frozen=True)
+class Rule:
+    """A check of one setting's value; `text` completes "--flag must be ..."."""
+    test: Callable[[object], bool]
+    text: str
+
+
+def at_least(n) -> Rule:
+    return Rule(lambda v: v >= n, f"at least {n}")
+
+
+def in_range(lo, hi, low_open: bool = False, high_open: bool = False) -> Rule:
+    def test(v):
+        return (lo < v if low_open else lo <= v) and (v < hi if high_open else v <= hi)
+    excluded = [str(x) for x, is_open in ((lo, low_open), (hi, high_open)) if is_open]
+    return Rule(test, f"between {lo} and {hi}" + (f" ({' and '.join(excluded)} excluded)" if excluded else ""))
+
+
+def each(rule: Rule) -> Rule:
+    return Rule(lambda v: all(rule.test(x) for x in v), f"a list of values each {rule.text}")
+
+
+positive = Rule(lambda v: v > 0, "positive")
+finite = Rule(lambda v: math.isfinite(v), "a finite number")
+
+
+def _f(default, help, choices=None, short=None, check: Rule | None = None):
+    """A Config field: its default, help text, allowed choices, short flag and the rule its value obeys
+    (None, the "not set" value of an optional field, is not checked; floats must also be finite)."""
+    meta = {"help": help, "choices": choices, "short": short, "check": check}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,65 +89,69 @@ class Config:
     dataset: str = _f("cifar10", "dataset format", ["cifar10", "fake", "kaggle", "imagefolder", "mnist"])
     data_dir: str = _f("data", "dataset root folder")
     download: bool = _f(True, "download the dataset if it is absent (cifar10, mnist)")
-    val_split: int = _f(0, "hold out N labelled training images for validation (kaggle, imagefolder)")
-    image_size: int | None = _f(None, "resize images to this size (default: the dataset's own)")
+    val_split: int = _f(0, "hold out N labelled training images for validation (kaggle, imagefolder)",
+                        check=at_least(0))
+    image_size: int | None = _f(None, "resize images to this size (default: the dataset's own)", check=at_least(1))
     normalize: str = _f("dataset", "input normalisation: the dataset's known mean/std, 'auto' (computed "
                         "over the training images), 'imagenet', or 'none'",
                         ["dataset", "auto", "imagenet", "none"])
-    fake_size: int = _f(1024, "fake dataset: number of training images (test: a quarter)")
-    num_classes: int | None = _f(None, "fake dataset: number of classes (default 10)")
+    fake_size: int = _f(1024, "fake dataset: number of training images (test: a quarter)", check=at_least(1))
+    num_classes: int | None = _f(None, "fake dataset: number of classes (default 10)", check=at_least(1))
     loader: str = _f("auto", "input pipeline: 'memory' keeps the uint8 images on the device and augments "
                      "there, 'files' decodes in DataLoader workers; auto picks memory when the data fits",
                      ["auto", "memory", "files"])
-    workers: int = _f(4, "DataLoader worker processes per training process (files loader)")
+    workers: int = _f(4, "DataLoader worker processes per training process (files loader)", check=at_least(0))
     cache_dir: str | None = _f(None, "kaggle: folder for the packed cache of decoded images (default: "
                                "DIR/.dtrain-cache beside the data)")
     # augmentation (batched, on the device, on uint8 images)
     augment: bool = _f(True, "apply the augmentations below to training images")
-    crop_padding: int = _f(4, "random crop after padding by this many pixels (0: off)")
+    crop_padding: int = _f(4, "random crop after padding by this many pixels (0: off)", check=at_least(0))
     pad_mode: str = _f("constant", "padding for the random crop", ["constant", "reflect"])
     hflip: bool = _f(True, "random horizontal flip")
     vflip: bool = _f(False, "random vertical flip")
-    cutout_holes: int = _f(0, "Cutout: number of square holes (0: off)")
-    cutout_length: int = _f(16, "Cutout: hole side in pixels")
-    translate: float = _f(0.0, "random translation, fraction of the image size (0: off)")
-    rotate: float = _f(0.0, "random rotation up to this many degrees (0: off)")
+    cutout_holes: int = _f(0, "Cutout: number of square holes (0: off)", check=at_least(0))
+    cutout_length: int = _f(16, "Cutout: hole side in pixels", check=at_least(0))
+    translate: float = _f(0.0, "random translation, fraction of the image size (0: off)", check=in_range(0, 1))
+    rotate: float = _f(0.0, "random rotation up to this many degrees (0: off)", check=in_range(0, 180))
     # optimisation
-    epochs: int = _f(30, "training epochs")
-    max_steps: int | None = _f(None, "stop after this many optimiser steps (smoke tests)")
-    batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes", short="-b")
-    eval_batch_size: int = _f(1024, "GLOBAL evaluation batch size")
-    grad_accum: int = _f(1, "gradient accumulation steps per optimiser step")
+    epochs: int = _f(30, "training epochs", check=at_least(1))
+    max_steps: int | None = _f(None, "stop after this many optimiser steps (smoke tests)", check=at_least(1))
+    batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes", short="-b", check=at_least(1))
+    eval_batch_size: int = _f(1024, "GLOBAL evaluation batch size", check=at_least(1))
+    grad_accum: int = _f(1, "gradient accumulation steps per optimiser step", check=at_least(1))
     optimizer: str = _f("sgd", "optimiser", ["sgd", "adam", "adamw", "rmsprop"])
-    lr: float = _f(0.1, "peak learning rate (the same at any number of processes)")
-    momentum: float = _f(0.9, "momentum (sgd, rmsprop)")
+    lr: float = _f(0.1, "peak learning rate (the same at any number of processes)", check=positive)
+    momentum: float = _f(0.9, "momentum (sgd, rmsprop)", check=in_range(0, 1, high_open=True))
     nesterov: bool = _f(False, "Nesterov momentum (sgd)")
-    weight_decay: float = _f(5e-4, "weight decay")
+    weight_decay: float = _f(5e-4, "weight decay", check=at_least(0))
     decay_norm_bias: bool = _f(True, "apply weight decay to biases and normalisation weights too")
     bias_lr_scale: float = _f(1.0, "multiply the LR of 1-D parameters (biases, normalisation weights) by "
-                              "this and divide their weight decay by it (airbench: 64)")
+                              "this and divide their weight decay by it (airbench: 64)", check=positive)
     scheduler: str = _f("cosine", "learning-rate schedule",
                         ["cosine", "plateau", "multistep", "onecycle", "linear", "none"])
-    onecycle_start: float = _f(0.04, "onecycle: LR factor at the first step")
-    onecycle_peak: float = _f(0.25, "onecycle: fraction of training at which the LR peaks")
-    onecycle_end: float = _f(0.0, "onecycle: LR factor at the last step")
-    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs")
-    milestones: list[int] = _f([150, 225], "multistep: epochs at which the LR is multiplied by --gamma")
-    gamma: float = _f(0.1, "multistep: LR factor at each milestone")
+    onecycle_start: float = _f(0.04, "onecycle: LR factor at the first step", check=at_least(0))
+    onecycle_peak: float = _f(0.25, "onecycle: fraction of training at which the LR peaks",
+                              check=in_range(0, 1, True, True))
+    onecycle_end: float = _f(0.0, "onecycle: LR factor at the last step", check=at_least(0))
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", check=at_least(0))
+    milestones: list[int] = _f([150, 225], "multistep: epochs at which the LR is multiplied by --gamma",
+                               check=each(at_least(0)))
+    gamma: float = _f(0.1, "multistep: LR factor at each milestone", check=positive)
     plateau_monitor: str = _f("val_loss", "plateau: metric watched", ["val_loss", "val_acc"])
-    plateau_patience: int = _f(10, "plateau: epochs without improvement before the LR drops")
-    plateau_factor: float = _f(0.5, "plateau: LR factor")
-    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss")
-    grad_clip: float | None = _f(None, "clip the gradient norm to this value")
+    plateau_patience: int = _f(10, "plateau: epochs without improvement before the LR drops", check=at_least(0))
+    plateau_factor: float = _f(0.5, "plateau: LR factor", check=in_range(0, 1, low_open=True))
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", check=in_range(0, 1))
+    grad_clip: float | None = _f(None, "clip the gradient norm to this value", check=positive)
     ema: float | None = _f(None, "keep an exponential moving average of the weights with this decay and "
-                           "evaluate it")
+                           "evaluate it", check=in_range(0, 1, True, True))
     tta: bool = _f(False, "evaluate on the image and its mirror, averaging the logits")
     tta_shift: int = _f(0, "with --tta: also average the mirrored pairs of the image shifted diagonally by "
-                        "-N and +N pixels (reflect padding), weight 1/2 in all (airbench: 1)")
+                        "-N and +N pixels (reflect padding), weight 1/2 in all (airbench: 1)", check=at_least(0))
     lookahead: int = _f(0, "with --ema DECAY: every N optimiser steps the trained weights jump to the "
-                        "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)")
+                        "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)",
+                        check=at_least(0))
     # system
-    seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)")
+    seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)", check=at_least(0))
     precision: str | None = _f(None, "mixed precision (default: the accelerate config/launcher's)",
                                ["no", "fp16", "bf16"])
     channels_last: bool = _f(False, "channels-last memory format")
@@ -125,9 +161,9 @@ class Config:
     output_dir: str | None = _f(None, "output folder (default runs/<arch>-<time>, or runs/<job>-<id> under Slurm)")
     resume: str | None = _f(None, "'auto': continue from last.pt in the output dir if there is one; or a path")
     save_every: int = _f(1, "write last.pt every N epochs (always at the end, when val_acc improves, and on a "
-                         "stop signal); fast recipes save less often, a checkpoint costs time")
-    log_every: int = _f(20, "console/W&B/TensorBoard step logging interval")
-    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
+                         "stop signal); fast recipes save less often, a checkpoint costs time", check=at_least(1))
+    log_every: int = _f(20, "console/W&B/TensorBoard step logging interval", check=at_least(1))
+    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", check=at_least(1))
     plots: bool = _f(True, "draw curves and the confusion matrix to <output-dir>/run.png")
     tensorboard: bool = _f(False, "write TensorBoard scalars to <output-dir>/tb")
     wandb: bool = _f(True, "log to Weights & Biases from the main process (offline when no API key)")
@@ -168,21 +204,27 @@ def _parse_bool(name, value):
     raise UserError(f"{name} must be true or false, not {value!r}")
 
 
+def _is_a(value, tp) -> bool:
+    """Whether a recipe value fits a field type (an int fits a float field; a bool is not a number)."""
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, tp) or tp is float and isinstance(value, int)
+
+
 def _coerce(name: str, value):
     """Check and convert a recipe value to the field's type."""
     tp, is_list = _base_type(FIELDS[name].type)
     if value is None:
         return None
     if is_list:
-        if not isinstance(value, list):
-            raise UserError(f"{name} must be a list, not {value!r}")
+        if not isinstance(value, list) or not all(_is_a(v, tp) for v in value):
+            raise UserError(f"{name} must be a list of {tp.__name__} values, not {value!r}")
         return [tp(v) for v in value]
     if tp is bool:
         return _parse_bool(name, value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or isinstance(value, bool) and tp is not bool:
+    if not _is_a(value, tp):
         raise UserError(f"{name} must be of type {tp.__name__}, not {value!r}")
+    value = tp(value)
     choices = FIELDS[name].metadata.get("choices")
     if choices and value not in choices:
         raise UserError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
@@ -225,7 +267,10 @@ def load_recipe(name: str) -> dict:
     unknown = sorted(set(data) - set(FIELDS) - {"recipe"})
     if unknown:
         raise UserError(f"recipe {path}: unknown settings {', '.join(unknown)}")
-    return {k: _coerce(k, v) for k, v in data.items()}
+    try:
+        return {k: _coerce(k, v) for k, v in data.items()}
+    except UserError as e:
+        raise UserError(f"recipe {path}: {e}") from None
 
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -354,27 +399,35 @@ def resolve(overrides: dict) -> Config:
     return cfg
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Rules between settings: (holds, message); each field's own rule is declared next to it.
+CROSS_CHECKS = (
+    (lambda c: not c.cutout_holes or c.cutout_length >= 1,
+     "--cutout-length must be at least 1 when --cutout-holes is set"),
+    (lambda c: not c.lookahead or c.ema is not None,
+     "--lookahead N needs --ema DECAY (e.g. --ema 0.95 --lookahead 5)"),
+    (lambda c: not c.tta_shift or c.tta, "--tta-shift N needs --tta"),
+)
+
+
 def validate(cfg: Config) -> None:
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        raise UserError("--batch-size and --eval-batch-size must be positive")
-    if cfg.grad_accum < 1:
-        raise UserError("--grad-accum must be at least 1")
-    if cfg.epochs < 1 and cfg.max_steps is None:
-        raise UserError("--epochs must be at least 1")
-    if cfg.cutout_holes and cfg.cutout_length < 1:
-        raise UserError("--cutout-length must be positive when --cutout-holes is set")
-    if cfg.ema is not None and not 0.0 < cfg.ema < 1.0:
-        raise UserError("--ema must be a decay between 0 and 1, e.g. 0.999")
-    if cfg.lookahead < 0 or cfg.lookahead and cfg.ema is None:
-        raise UserError("--lookahead N needs --ema DECAY (e.g. --ema 0.95 --lookahead 5) and N >= 0")
-    if cfg.tta_shift < 0 or cfg.tta_shift and not cfg.tta:
-        raise UserError("--tta-shift N needs --tta and N >= 0")
-    if not 0.0 < cfg.onecycle_peak < 1.0:
-        raise UserError("--onecycle-peak must be between 0 and 1 (exclusive), e.g. 0.25")
-    if cfg.save_every < 1:
-        raise UserError("--save-every must be at least 1")
-    if cfg.bias_lr_scale <= 0:
-        raise UserError("--bias-lr-scale must be positive")
+    """Check every setting against its field's rule (floats must be finite), then the cross-field rules."""
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not finite.test(v) for v in values):
+            raise UserError(f"{_flag(f.name)} must be {finite.text}, not {value!r}")
+        rule = f.metadata.get("check")
+        if rule is not None and not rule.test(value):
+            raise UserError(f"{_flag(f.name)} must be {rule.text}, not {value!r}")
+    for holds, message in CROSS_CHECKS:
+        if not holds(cfg):
+            raise UserError(message)
 
 
 def config_from_dict(d: dict) -> Config:

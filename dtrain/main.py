@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from dtrain import config as config_mod
-from dtrain.checkpoint import atomic_write, load_checkpoint, model_meta, restore_training
+from dtrain.checkpoint import (atomic_write, load_checkpoint, make_output_dir, model_meta, remove_stale_temp_files,
+                               restore_training)
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
@@ -49,6 +50,15 @@ def run_output_dir(cfg) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     return default_output_dir(cfg.arch, run_name(cfg) if cfg.sweep else None)
+
+
+def claim_output_dir(out: Path, resume: str | None) -> str | None:
+    """Main process: create the run's folder, lock it for the run's life, refuse to overwrite another run's
+    results, remove the temp files of interrupted writes. Returns the --resume setting to use."""
+    make_output_dir(out)
+    _, resume = open_output_dir(out, resume)
+    remove_stale_temp_files(out)
+    return resume
 
 
 def find_resume(cfg, out: Path):
@@ -158,7 +168,7 @@ def run(argv=None) -> dict | None:
     torch.manual_seed(cfg.seed)
     out = Path(broadcast(acc, str(run_output_dir(cfg))))
     cfg.output_dir = str(out)
-    cfg.resume = run_on_main(acc, lambda: open_output_dir(out, cfg.resume)[1])  # locked until exit
+    cfg.resume = run_on_main(acc, lambda: claim_output_dir(out, cfg.resume))
     ckpt = find_resume(cfg, out)
 
     data = build_data(cfg, acc, batch, eval_batch, ckpt)
@@ -168,7 +178,6 @@ def run(argv=None) -> dict | None:
     model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None)
 
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
     reporters = make_reporters(cfg, out, None if ckpt is None else ckpt["epoch"], acc.is_main_process)
     stop = StopSignal().install()

@@ -1,23 +1,39 @@
-"""Stop requests: SIGUSR1 (Slurm's warning before a time limit or preemption) and SIGTERM.
+"""Stop requests: SIGUSR1 (Slurm's warning before a time limit or preemption), SIGTERM and Ctrl-C (SIGINT).
 
 The handler only records the signal; the training loop asks `requested()` at each step boundary, where
 all processes agree (an all-reduce over a CPU group, so no GPU synchronisation), then saves and exits.
+Once `requested()` has reported a stop, every further stop signal is ignored: the save and the exit are
+not cut short. Before that, a second Ctrl-C aborts at once (writes are atomic: a checkpoint being written
+is left as it was). Under a
+torchrun/accelerate agent, which forwards the SIGINT it gets from the terminal to its workers, a worker
+sees each Ctrl-C twice, so there the third SIGINT aborts.
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(*_) -> None:
+    """For helper processes (DataLoader workers): leave stop signals sent to the whole process group to the
+    training process, which shuts its helpers down itself."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class StopSignal:
     def __init__(self):
         self.signum = 0
+        self.interrupts = 0
         self.group = None
         self._previous = {}
+        # each Ctrl-C reaches a worker of an elastic agent twice: from the terminal and forwarded by the agent
+        self._interrupts_to_abort = 3 if os.environ.get("TORCHELASTIC_RUN_ID") else 2
 
     def install(self) -> "StopSignal":
         for s in SIGNALS:
@@ -28,17 +44,32 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= self._interrupts_to_abort:
+                raise KeyboardInterrupt
+            if self.interrupts == 1 and os.environ.get("RANK", "0") == "0":
+                os.write(2, b"\nCtrl-C: saving last.pt at the next step, then stopping (Ctrl-C again aborts "
+                            b"without saving)\n")
+        if not self.signum:
+            self.signum = signum
 
     def requested(self) -> int:
-        """The signal number any process received (0: none). Every process must call this together."""
-        if self.group is None:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+        """The signal number any process received (0: none). Every process must call this together; once it
+        returns a signal the caller saves and stops, and stop signals are ignored from then on."""
+        signum = self.signum
+        if self.group is not None:
+            flag = torch.tensor([signum], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            signum = int(flag.item())
+        if signum:
+            self.signum = self.signum or signum
+            ignore_stop_signals()
+        return signum
 
     def uninstall(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
+        """Restore the previous handlers, unless a stop is under way (its signals stay ignored to the end)."""
+        if not self.signum:
+            for s, h in self._previous.items():
+                signal.signal(s, h)
         self._previous.clear()

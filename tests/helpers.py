@@ -100,3 +100,38 @@ def free_port() -> int:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def signal_mid_run(cmd: list, sig, environ: dict | None = None, group: bool = True, delay: float = 0.0,
+                   again_after: float | None = None, timeout: int = 180) -> tuple[int, str]:
+    """Start `cmd` in a session of its own; once it prints "output: " (training starts) wait `delay` s and
+    send `sig` to its whole process group (group=False: to the process alone), again after `again_after` s
+    if given. Returns (exit status, stdout and stderr)."""
+    import threading
+    import time
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=environ or env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, started = [], threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("output: "):
+                started.set()
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    send = (lambda: os.killpg(proc.pid, sig)) if group else (lambda: proc.send_signal(sig))
+    try:
+        assert started.wait(timeout), "".join(lines)
+        time.sleep(delay)
+        send()
+        if again_after is not None:
+            time.sleep(again_after)
+            send()
+        rc = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    thread.join(10)
+    return rc, "".join(lines)

@@ -12,14 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from cluster.slurm_cluster import NODES
-from helpers import write_cifar
+from helpers import signal_mid_run, write_cifar
 from test_restart import saved_epochs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,28 +315,8 @@ def test_sigterm_plain_run_saves_and_stops(tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     args = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "1280", "--batch-size", "16", "--epochs", "1",
             "--seed", "0", "--no-wandb", "--output-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, "dtrain/main.py", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    started = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("output: "):
-                started.set()
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    try:
-        assert started.wait(120), "".join(lines)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    thread.join(10)
-    text = "".join(lines)
+    rc, text = signal_mid_run([sys.executable, "dtrain/main.py", *args], signal.SIGTERM, env, group=False,
+                              timeout=120)
     assert rc == 0, text
     stops = STOP_LINE.findall(text)
     assert len(stops) == 1 and int(stops[0][0]) == signal.SIGTERM, text

@@ -50,12 +50,17 @@ def _read_split(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
         d = _read_pickle(p)
         if "data" not in d or "labels" not in d:
             raise UserError(f"{p} lacks the 'data' or 'labels' entry of a CIFAR batch")
-        x = np.asarray(d["data"], dtype=np.uint8)
-        if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(d["labels"]):
-            raise UserError(f"{p}: expected N x 3072 uint8 data and N labels, got {x.shape} and "
-                            f"{len(d['labels'])}")
-        xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(np.asarray(d["labels"], dtype=np.int64))
+        x, y = np.asarray(d["data"]), np.asarray(d["labels"])
+        if x.dtype != np.uint8 and (x.dtype.kind not in "ui" or x.size and (x.min() < 0 or x.max() > 255)):
+            raise UserError(f"{p}: pixels must be integers 0..255 (uint8), got {x.dtype} values; re-export the "
+                            f"batch with uint8 pixels rather than training on cast values")
+        if y.size and y.dtype.kind not in "ui":
+            raise UserError(f"{p}: labels must be integers, got {y.dtype} values; re-export the batch with "
+                            f"integer class indices")
+        if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
+            raise UserError(f"{p}: expected N x 3072 uint8 data and N labels, got {x.shape} and {len(y)}")
+        xs.append(x.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(y.astype(np.int64))
     return torch.from_numpy(np.ascontiguousarray(np.concatenate(xs))), torch.from_numpy(np.concatenate(ys))
 
 

@@ -15,6 +15,7 @@ from dtrain.data import ImageSet
 from dtrain.data.decode import decode_image
 from dtrain.data.sampler import TrainShards, eval_shard
 from dtrain.errors import UserError
+from dtrain.preempt import ignore_stop_signals
 
 MEMORY_BUDGET = 2 * 1024 ** 3            # bytes of decoded uint8 pixels a file-backed set may take in memory
 
@@ -100,6 +101,7 @@ class FileLoader(ShardedLoader):
         loader = torch.utils.data.DataLoader(
             FileImages(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
             collate_fn=_whole_batch, pin_memory=self.device.type == "cuda", persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,
             prefetch_factor=4 if self.workers else None)
         try:
             for x, y, idx in loader:

@@ -9,7 +9,8 @@ Weights:
                     (torch.hub.get_dir()/checkpoints/<file>). Nothing is downloaded: a missing file is an
                     error that names the exact path to put it at.
   weights=FILE      a state dict (or a dtrain checkpoint) loaded into the model with
-                    torch.load(weights_only=True); head entries whose shapes differ are skipped.
+                    torch.load(weights_only=True); head entries whose shapes differ are skipped. With
+                    pretrained=True too, the file stands in for the hub cache (offline clusters).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def build_tv(
             f"{PREFIX}{name} takes 3-channel images (1-channel images are repeated); got {in_channels} channels"
         )
     extra = {"transform_input": True} if name in _AUX_MODELS else {}
-    if pretrained:
+    if pretrained and not weights:
         enum, path = cached_weights_path(name)
         if not os.path.isfile(path):
             raise UserError(

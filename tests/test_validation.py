@@ -1,0 +1,79 @@
+"""Every setting is checked when the Config is built, from flags and recipes alike: a bad value ends the
+run before any training with one line that names the flag, and exit status 2."""
+import pytest
+
+from dtrain.main import main
+
+BASE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb",
+        "--no-plots", "--epochs", "1"]
+
+BAD_FLAGS = [
+    (["--eval-every", "0"], "--eval-every must be at least 1, not 0"),
+    (["--log-every", "0"], "--log-every must be at least 1, not 0"),
+    (["--save-every", "0"], "--save-every must be at least 1, not 0"),
+    (["--crop-padding", "-3"], "--crop-padding must be at least 0, not -3"),
+    (["--label-smoothing", "2"], "--label-smoothing must be between 0 and 1, not 2.0"),
+    (["--lr", "-1"], "--lr must be positive, not -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number, not nan"),
+    (["--lr", "inf"], "--lr must be a finite number, not inf"),
+    (["--image-size", "-5"], "--image-size must be at least 1, not -5"),
+    (["--image-size", "0"], "--image-size must be at least 1, not 0"),
+    (["--fake-size", "0"], "--fake-size must be at least 1, not 0"),
+    (["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
+    # an epoch count of 0 trains nothing, whatever --max-steps says
+    (["--epochs", "0", "--max-steps", "5"], "--epochs must be at least 1, not 0"),
+    (["--num-classes", "0"], "--num-classes must be at least 1, not 0"),
+    (["--momentum", "2"], "--momentum must be between 0 and 1 (1 excluded), not 2.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be at least 0, not -1.0"),
+    (["--plateau-factor", "-1"], "--plateau-factor must be between 0 and 1 (0 excluded), not -1.0"),
+    (["--milestones", "3", "-1"], "--milestones must be a list of values each at least 0, not [3, -1]"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--workers", "-1"], "--workers must be at least 0, not -1"),
+    (["--ema", "1.5"], "--ema must be between 0 and 1 (0 and 1 excluded), not 1.5"),
+    (["--grad-clip", "0"], "--grad-clip must be positive, not 0.0"),
+    (["--translate", "-0.1"], "--translate must be between 0 and 1, not -0.1"),
+    (["--lookahead", "5"], "--lookahead N needs --ema DECAY"),
+    (["--tta-shift", "1"], "--tta-shift N needs --tta"),
+    (["--cutout-holes", "1", "--cutout-length", "0"], "--cutout-length must be at least 1 when --cutout-holes"),
+]
+
+BAD_RECIPES = [
+    ('milestones = ["a"]', "milestones must be a list of int values"),
+    ("lr = nan", "--lr must be a finite number, not nan"),
+    ("lr = -1", "--lr must be positive, not -1.0"),
+    ("eval_every = 0", "--eval-every must be at least 1, not 0"),
+    ("momentum = true", "momentum must be of type float"),
+]
+
+
+def run_cli(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flag_values_end_with_one_line_naming_the_flag(flags, message, capsys, tmp_path):
+    line = run_cli([*BASE, "--output-dir", str(tmp_path / "run"), *flags], capsys)
+    assert message in line
+    assert not (tmp_path / "run").exists()          # refused before anything was set up
+
+
+@pytest.mark.parametrize("setting,message", BAD_RECIPES, ids=[r[0] for r in BAD_RECIPES])
+def test_bad_recipe_values_end_with_one_line_naming_the_setting(setting, message, capsys, tmp_path):
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text(f'arch = "cnn"\n{setting}\n')
+    line = run_cli(["--recipe", str(recipe), *BASE[2:], "--output-dir", str(tmp_path / "run")], capsys)
+    assert message in line
+
+
+def test_every_shipped_recipe_and_the_defaults_pass_the_rules():
+    from dtrain.config import Config, build_config, list_recipes, validate
+    validate(Config())
+    for name in list_recipes():
+        build_config(["--recipe", name])
