@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def command_name(file_name: str) -> str:
+    """What a command's usage line calls it: `dtrain train` when started through this command, else its file."""
+    return sys.argv[0] if sys.argv[0].startswith("dtrain ") else file_name
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -38,4 +43,5 @@ def main(argv=None) -> None:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; valid: {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[0] = f"dtrain {name}"
     importlib.import_module(COMMANDS[name][0]).main(rest)

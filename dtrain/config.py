@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dtrain.cli import command_name
 from dtrain.errors import UserError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -346,7 +347,7 @@ class _ListFlag(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dtrain/main.py",
+        prog=command_name("dtrain/main.py"),
         description="Train an image classifier on 1..N processes (run it with accelerate launch, torchrun, "
                     "or plain python). Flags override the recipe; see README.md.",
         argument_default=argparse.SUPPRESS, formatter_class=_HelpFormatter)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script file: import the package, not this file's neighbours
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-    sys.path.insert(0, _root)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__" and sys.path[0] == _HERE:  # run as a file: import this checkout's package (see main.py)
+    sys.path[0] = os.path.dirname(_HERE)
 
 import argparse
 import csv
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dtrain.cli import command_name
 from dtrain.config import Config, config_from_dict
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.report.console import MainConsole, ProgressBar
@@ -36,7 +36,7 @@ from dtrain.report.console import MainConsole, ProgressBar
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="dtrain/predict.py",
+        prog=command_name("dtrain/predict.py"),
         description="Predict with a dtrain checkpoint: a Kaggle CIFAR-10 submission CSV (--dataset kaggle), "
                     "accuracy on a labelled split (--dataset cifar10|imagefolder), or single images (--image). "
                     "Runs under plain python, accelerate launch or torchrun.")
