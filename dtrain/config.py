@@ -121,7 +121,7 @@ class Config:
     eval_batch_size: int = _f(1024, "GLOBAL evaluation batch size", check=at_least(1))
     grad_accum: int = _f(1, "gradient accumulation steps per optimiser step", check=at_least(1))
     optimizer: str = _f("sgd", "optimiser", ["sgd", "adam", "adamw", "rmsprop"])
-    lr: float = _f(0.1, "peak learning rate (the same at any number of processes)", check=positive)
+    lr: float = _f(0.1, "peak learning rate (the same at any number of processes)", check=at_least(0))
     momentum: float = _f(0.9, "momentum (sgd, rmsprop)", check=in_range(0, 1, high_open=True))
     nesterov: bool = _f(False, "Nesterov momentum (sgd)")
     weight_decay: float = _f(5e-4, "weight decay", check=at_least(0))

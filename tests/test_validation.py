@@ -13,7 +13,7 @@ BAD_FLAGS = [
     (["--save-every", "0"], "--save-every must be at least 1, not 0"),
     (["--crop-padding", "-3"], "--crop-padding must be at least 0, not -3"),
     (["--label-smoothing", "2"], "--label-smoothing must be between 0 and 1, not 2.0"),
-    (["--lr", "-1"], "--lr must be positive, not -1.0"),
+    (["--lr", "-1"], "--lr must be at least 0, not -1.0"),
     (["--lr", "nan"], "--lr must be a finite number, not nan"),
     (["--lr", "inf"], "--lr must be a finite number, not inf"),
     (["--image-size", "-5"], "--image-size must be at least 1, not -5"),
@@ -40,7 +40,7 @@ BAD_FLAGS = [
 BAD_RECIPES = [
     ('milestones = ["a"]', "milestones must be a list of int values"),
     ("lr = nan", "--lr must be a finite number, not nan"),
-    ("lr = -1", "--lr must be positive, not -1.0"),
+    ("lr = -1", "--lr must be at least 0, not -1.0"),
     ("eval_every = 0", "--eval-every must be at least 1, not 0"),
     ("momentum = true", "momentum must be of type float"),
 ]
