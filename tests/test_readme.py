@@ -25,7 +25,7 @@ def rel(path) -> str:
 def test_the_pages_exist():
     names = {p.name for p in DOCS.glob("*.md")}
     assert {"training.md", "launching.md", "kaggle.md", "datasets-and-models.md", "performance.md",
-            "development.md"} <= names
+            "development.md", "export.md"} <= names
 
 
 def test_flags_table_is_current():
@@ -37,6 +37,12 @@ def test_predict_flags_table_is_current():
     from dtrain.predict import build_parser
     assert argparse_markdown(build_parser()) in text(DOCS / "kaggle.md"), \
         "docs/kaggle.md's flags table is stale: paste `python -m dtrain.helptable dtrain.predict:build_parser` into it"
+
+
+def test_export_flags_table_is_current():
+    from dtrain.export import build_parser
+    assert argparse_markdown(build_parser()) in text(DOCS / "export.md"), \
+        "docs/export.md's flags table is stale: paste `python -m dtrain.helptable dtrain.export:build_parser` into it"
 
 
 def test_argparse_markdown_lists_every_flag_with_its_default():
