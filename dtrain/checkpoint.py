@@ -153,7 +153,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: give the path of a last.pt or best.pt written by "
-                        f"dtrain/main.py")
+                        f"dtrain train, or of a .safetensors written by dtrain export")
     if path.suffix == ".safetensors":  # the deployable weights `dtrain export` writes, with the same metadata
         from dtrain.export import load_safetensors
         return load_safetensors(path)

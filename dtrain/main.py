@@ -46,10 +46,12 @@ from dtrain.sweep import listing, run_name
 
 
 def run_output_dir(cfg) -> Path:
-    """--output-dir, or the default folder (a sweep's combination gets a name made of its values)."""
+    """--output-dir, or the default folder. A sweep's combination gets a folder named by its values: inside
+    --output-dir when one is given, else in runs/ (or the Slurm array task's runs/<job>-<array job>_<task>)."""
+    name = run_name(cfg) if cfg.sweep else None
     if cfg.output_dir:
-        return Path(cfg.output_dir)
-    return default_output_dir(cfg.arch, run_name(cfg) if cfg.sweep else None)
+        return Path(cfg.output_dir) / name if name else Path(cfg.output_dir)
+    return default_output_dir(cfg.arch, name)
 
 
 def claim_output_dir(out: Path, resume: str | None) -> str | None:

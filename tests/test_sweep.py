@@ -30,6 +30,9 @@ def test_a_2x2_grid_gives_its_4_combinations_in_order_with_4_output_dirs_and_one
     dirs = [str(run_output_dir(c)) for c in configs]
     assert dirs == ["runs/cnn-lr0.05-hfliptrue", "runs/cnn-lr0.05-hflipfalse",
                     "runs/cnn-lr0.1-hfliptrue", "runs/cnn-lr0.1-hflipfalse"]
+    inside = [str(run_output_dir(build_config([*GRID, "--sweep-index", str(i), "--output-dir", "exp"])))
+              for i in range(4)]
+    assert inside == ["exp/" + d.removeprefix("runs/") for d in dirs]  # --output-dir holds the sweep's folders
     groups = {WandbSpec.from_config(c).group for c in configs}
     assert len(groups) == 1 and None not in groups
     other = build_config(["--arch", "cnn", "--sweep", "lr=0.05,0.2", "--sweep-index", "0"])
