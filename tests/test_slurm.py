@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm_cluster import NODES
-from helpers import env as helpers_env
-from helpers import signal_mid_run, write_cifar
+from helpers import env as helpers_env, signal_mid_run, write_cifar
 from test_restart import saved_epochs
 
 REPO = Path(__file__).resolve().parents[1]
