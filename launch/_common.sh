@@ -60,14 +60,23 @@ dtrain_threads() {
     fi
 }
 
+# The Python interpreter: DTRAIN_PYTHON, else python, else python3.
+dtrain_python() {
+    if [[ -n ${DTRAIN_PYTHON:-} ]]; then
+        echo "$DTRAIN_PYTHON"
+    elif command -v python >/dev/null 2>&1; then
+        echo python
+    else
+        echo python3
+    fi
+}
+
 # dtrain_torchrun NNODES RENDEZVOUS_OPTIONS...: sets the array DTRAIN_LAUNCHER, torchrun with
 # DTRAIN_NPROC processes on this node, restarts on a lost worker, then TORCHRUN_ARGS.
 dtrain_torchrun() {
-    local nnodes=$1 python=${DTRAIN_PYTHON:-}
+    local nnodes=$1 python
     shift
-    if [[ -z $python ]]; then
-        if command -v python >/dev/null 2>&1; then python=python; else python=python3; fi
-    fi
+    python=$(dtrain_python)
     # torchrun's agent hosts one TCP store for all the restarts of a worker group, and the workers'
     # process group keys in it (gloo's peer addresses, NCCL's unique id) carry no restart number:
     # a restarted worker can read its peer's address from before the restart and fail ("Gloo

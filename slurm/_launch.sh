@@ -21,6 +21,9 @@
 #   TORCHRUN_ARGS     extra torchrun options (e.g. "--max-restarts 0": no restart of a lost worker)
 #   NCCL_* / TORCH_NCCL_*  passed through; defaults below apply only where unset.
 
+# shellcheck source-path=SCRIPTDIR source=../launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/_common.sh"
+
 _dtrain_log() {
     printf '[dtrain %s] %s\n' "$(date +%H:%M:%S)" "$*"
 }
@@ -87,6 +90,14 @@ dtrain_launch() {
     if [[ $mode == train ]]; then
         if ! _dtrain_has_flag --resume "${args[@]}"; then
             args+=(--resume auto)
+        fi
+        # The settings are read once here, before any process starts: a mistake (a bad flag, an
+        # array task past the end of the --sweep grid) ends the job with its one line, where
+        # torchrun would restart the training processes on it.
+        local check='import sys; from dtrain.config import build_config; from dtrain.errors import run_cli
+run_cli(build_config, sys.argv[1:])'
+        if ! "$(dtrain_python)" -c "$check" "${args[@]}"; then
+            return 2
         fi
     fi
 

@@ -3,10 +3,12 @@
 #
 #   sbatch slurm/cifar.sh --arch resnet18 --epochs 100                    # 1 node
 #   sbatch --nodes 4 --gpus-per-node 8 slurm/cifar.sh --arch googlenet    # 4 nodes x 8 GPUs
+#   sbatch --array=0-4 slurm/cifar.sh --arch resnet18 --sweep seed=0,1,2,3,4   # 5 seeds, a task each
 #
-# Every argument after the script name goes to dtrain/main.py. Unless given, the run writes to
-# --output-dir runs/<job name>-<job id> and starts with --resume auto, so a requeued job
-# continues where it stopped. Run sbatch from the repository root (or set DTRAIN_ROOT); the log
+# Every argument after the script name goes to dtrain/main.py; a mistake in them ends the job at
+# once with one line. Unless given, the run writes to --output-dir runs/<job name>-<job id> (an
+# array task: runs/<job name>-<array job id>_<task>, its --sweep combination) and starts with
+# --resume auto, so a requeued job continues where it stopped. Run sbatch from the repository root (or set DTRAIN_ROOT); the log
 # goes to logs/<job name>-<job id>.out (logs/ ships with the checkout: Slurm does not create it).
 #
 # Defaults: edit them here, or override any of them on the sbatch command line.

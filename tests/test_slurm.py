@@ -5,6 +5,7 @@ cannot run (not root, no unshare, Slurm not installed) and fail on CI instead.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm_cluster import NODES
-from helpers import signal_mid_run, write_cifar
+from helpers import env as helpers_env, signal_mid_run, write_cifar
 from test_restart import saved_epochs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,6 +274,205 @@ def test_array_tasks_default_to_runs_job_name_array_id_task(slurm_cluster, train
     finally:
         for run_dir in dirs:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# Sweeps: small runs (12 steps per epoch), all tasks at once (1 CPU per task: 8 tasks per node).
+SWEEP_TRAIN, SWEEP_TEST, SWEEP_BATCH = 192, 64, 16
+SEEDS_EPOCHS, GRID_EPOCHS = 3, 2
+SEEDS, KILLED, EXTRA = (0, 1, 2), 3, 4
+
+
+def sweep_args(data: Path, epochs: int) -> list[str]:
+    return ["--arch", "cnn", "--dataset", "cifar10", "--data-dir", str(data), "--no-download", "--batch-size",
+            str(SWEEP_BATCH), "--epochs", str(epochs), "--no-wandb", "--no-plots"]
+
+
+def submit_array(cluster, name: str, array: str, log: Path, args: list[str], **env) -> str:
+    r = cluster.run(["sbatch", "--parsable", "--job-name", name, f"--array={array}", "--nodes", "1",
+                     "--cpus-per-task", "1", "--output", str(log), "slurm/cifar.sh", *args],
+                    cwd=REPO, env=dict(job_env(cluster), **env))
+    assert r.returncode == 0, f"sbatch failed: {r.stderr}"
+    return r.stdout.strip().split(";")[0]
+
+
+def rows_in(path: Path) -> int:
+    return len(read(path).splitlines())
+
+
+def term_pending(pid: int) -> bool:
+    """True once SIGTERM waits, undelivered, for the (stopped) process: SigPnd/ShdPnd in /proc/PID/status."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return True
+    masks = [int(line.split()[1], 16) for line in lines if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m >> (signal.SIGTERM - 1) & 1 for m in masks)
+
+
+def cancel_after_first_epoch(cluster, task: str, run_dir: Path, log: Path, timeout: float = 300) -> int:
+    """`scancel` the task mid-run: once its first epoch is in metrics.jsonl its training processes are
+    stopped (SIGSTOP), so the cancel lands there however fast the rest would go; they continue (SIGCONT)
+    once the cancel's SIGTERM waits for them. Returns the rows metrics.jsonl had at the cancel."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.job_state(task)
+        workers = job_workers(state.get("JobId", "")) if rows_in(run_dir / "metrics.jsonl") >= 1 else {}
+        if workers:
+            for pid in workers.values():
+                os.kill(pid, signal.SIGSTOP)
+            rows = rows_in(run_dir / "metrics.jsonl")
+            r = cluster.run(["scancel", task])
+            assert r.returncode == 0, r.stderr
+            held = time.monotonic() + 60
+            while time.monotonic() < held and not all(map(term_pending, workers.values())):
+                time.sleep(0.05)
+            for pid in workers.values():
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            return rows
+        if state.get("JobState") in TERMINAL:
+            break
+        time.sleep(0.05)
+    pytest.fail(failure(cluster, task, log, f"task {task} ended before it could be stopped after epoch 1"))
+
+
+def summarize(runs: Path, out: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "dtrain", "summarize", str(runs), "--out", str(out)], cwd=REPO,
+                       env=helpers_env(COLUMNS="200"), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(out / "summary.csv", newline="") as f:
+        return {"text": r.stdout, "rows": list(csv.DictReader(f)), "out": out}
+
+
+@pytest.fixture(scope="module")
+def sweep_arrays(slurm_cluster, tmp_path_factory):
+    """Two array jobs, submitted together, of slurm/cifar.sh with --sweep, each task its own run:
+
+    - seeds: `--array=0-4 --sweep seed=0,1,2,3`, 1 process per task: tasks 0-2 finish; task 3 is
+      cancelled after its first epoch; task 4 lies past the end of the grid;
+    - grid: `--array=0-3 --sweep lr=0.05,0.1 --sweep seed=0,1`, 2 processes per task (GPUS_PER_NODE=2).
+
+    When every task has ended, the run folders (runs/<job>-<array job>_<task> in the checkout) are moved
+    into a folder per array, and `python -m dtrain summarize` reads each.
+    """
+    cluster, tmp = slurm_cluster, tmp_path_factory.mktemp("sweeps")
+    data = write_cifar(tmp / "cifar", n_train=SWEEP_TRAIN, n_test=SWEEP_TEST, seed=1)
+    name = f"dtrain-sweep{os.getpid()}"
+    seeds_args = [*sweep_args(data, SEEDS_EPOCHS), "--sweep", "seed=" + ",".join(map(str, [*SEEDS, KILLED]))]
+    grid_args = [*sweep_args(data, GRID_EPOCHS), "--sweep", "lr=0.05,0.1", "--sweep", "seed=0,1"]
+    seeds = submit_array(cluster, name, f"0-{EXTRA}", tmp / "seeds-%a.log", seeds_args)
+    grid = submit_array(cluster, name, "0-3", tmp / "grid-%a.log", grid_args, GPUS_PER_NODE="2")
+    tasks = {f"{seeds}_{t}": tmp / f"seeds-{t}.log" for t in range(EXTRA + 1)}
+    tasks.update({f"{grid}_{t}": tmp / f"grid-{t}.log" for t in range(4)})
+    folders = {task: REPO / "runs" / f"{name}-{task}" for task in tasks}
+    try:
+        killed = f"{seeds}_{KILLED}"
+        rows_at_kill = cancel_after_first_epoch(cluster, killed, folders[killed], tasks[killed])
+        states = {task: wait_job(cluster, task, log, timeout=400) for task, log in tasks.items()}
+    finally:
+        for task in tasks:
+            cluster.run(["scancel", task])
+        runs = {seeds: tmp / "seeds-runs", grid: tmp / "grid-runs"}
+        for task, folder in folders.items():
+            if folder.exists():
+                runs[task.split("_")[0]].mkdir(exist_ok=True)
+                shutil.move(folder, runs[task.split("_")[0]] / folder.name)
+    yield {"seeds": seeds, "grid": grid, "tasks": tasks, "states": states, "runs": runs, "name": name,
+           "rows_at_kill": rows_at_kill, "summaries": {job: summarize(path, tmp / f"summary-{job}")
+                                                       for job, path in runs.items() if path.is_dir()}}
+
+
+def final_accs(runs: list[Path]) -> list[float]:
+    return [metrics(run)[-1]["val_acc"] for run in runs]
+
+
+def assert_completed(sweeps: dict, cluster, task: str) -> None:
+    state = sweeps["states"][task]
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", failure(
+        cluster, task, sweeps["tasks"][task], f"array task {task} did not complete")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_seed_array_gives_one_finished_run_per_task_with_its_seed(sweep_arrays, slurm_cluster):
+    s, seeds = sweep_arrays, sweep_arrays["seeds"]
+    for seed in SEEDS:
+        task = f"{seeds}_{seed}"
+        assert_completed(s, slurm_cluster, task)
+        run = s["runs"][seeds] / f"{s['name']}-{task}"
+        assert f"output: runs/{run.name}" in read(s["tasks"][task])
+        config = json.loads((run / "config.json").read_text())
+        assert (config["seed"], config["sweep_index"]) == (seed, seed), config
+        assert [r["epoch"] for r in metrics(run)] == list(range(1, SEEDS_EPOCHS + 1))
+        assert (run / "last.pt").is_file()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_summarize_seed_array_is_one_group_with_numpy_mean_and_std(sweep_arrays):
+    import numpy as np
+    s, seeds = sweep_arrays, sweep_arrays["seeds"]
+    summary = s["summaries"][seeds]
+    assert len(summary["rows"]) == 1, summary
+    row = summary["rows"][0]
+    finished = [s["runs"][seeds] / f"{s['name']}-{seeds}_{seed}" for seed in SEEDS]
+    accs = final_accs(finished)
+    assert int(row["n"]) == len(SEEDS), summary["text"]
+    assert float(row["final_acc_mean"]) == pytest.approx(np.mean(accs), rel=1e-9, abs=1e-12)
+    # summarize documents the sample standard deviation: numpy's ddof=1.
+    assert float(row["final_acc_std"]) == pytest.approx(np.std(accs, ddof=1), rel=1e-9, abs=1e-12), accs
+    assert (summary["out"] / "summary.png").read_bytes().startswith(b"\x89PNG"), summary["text"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_cancelled_task_is_unfinished_in_summarize_not_averaged(sweep_arrays):
+    s, seeds = sweep_arrays, sweep_arrays["seeds"]
+    task = f"{seeds}_{KILLED}"
+    state = s["states"][task]
+    assert state["JobState"] == "CANCELLED", state
+    run = s["runs"][seeds] / f"{s['name']}-{task}"
+    assert json.loads((run / "config.json").read_text())["seed"] == KILLED
+    rows = metrics(run)
+    assert 1 <= s["rows_at_kill"] == len(rows) < SEEDS_EPOCHS, rows
+    summary = s["summaries"][seeds]
+    assert int(summary["rows"][0]["not_finished"]) == 1 and int(summary["rows"][0]["n"]) == len(SEEDS)
+    assert re.search(rf"not finished.*{re.escape(run.name)}", summary["text"].replace("\n", " ")), summary["text"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_array_task_past_the_grid_fails_with_one_line_and_no_run(sweep_arrays):
+    s, seeds = sweep_arrays, sweep_arrays["seeds"]
+    task = f"{seeds}_{EXTRA}"
+    state, text = s["states"][task], read(s["tasks"][task])
+    assert state["JobState"] == "FAILED" and state["ExitCode"] != "0:0", state
+    assert f"error: --sweep-index {EXTRA} is past the end of the sweep: it has 4 combinations (0..3); " \
+           f"submit with --array=0-3" in text, text
+    # Found in the batch shell, once: no training process was started (nor restarted by torchrun) on it.
+    assert text.count("error: ") == 1 and "torch.distributed.run" not in text, text
+    run = s["runs"][seeds] / f"{s['name']}-{task}"
+    assert not (run / "config.json").exists() and not (run / "metrics.jsonl").exists(), sorted(run.iterdir())
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_grid_array_on_two_processes_per_task_gives_two_groups(sweep_arrays, slurm_cluster):
+    s, grid = sweep_arrays, sweep_arrays["grid"]
+    expected = {0: (0.05, 0), 1: (0.05, 1), 2: (0.1, 0), 3: (0.1, 1)}
+    for t, (lr, seed) in expected.items():
+        task = f"{grid}_{t}"
+        assert_completed(s, slurm_cluster, task)
+        assert "world size 2" in read(s["tasks"][task]), read(s["tasks"][task])
+        config = json.loads((s["runs"][grid] / f"{s['name']}-{task}" / "config.json").read_text())
+        assert (config["lr"], config["seed"]) == (lr, seed), config
+    rows = s["summaries"][grid]["rows"]
+    assert [(float(r["lr"]), int(r["n"]), int(r["not_finished"])) for r in rows] == [(0.05, 2, 0), (0.1, 2, 0)], rows
+    for r, lr in zip(rows, (0.05, 0.1)):
+        runs = [s["runs"][grid] / f"{s['name']}-{grid}_{t}" for t, (l, _) in expected.items() if l == lr]
+        assert float(r["final_acc_mean"]) == pytest.approx(sum(final_accs(runs)) / 2, rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.slurm
