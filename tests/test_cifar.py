@@ -67,3 +67,13 @@ def test_failed_download_is_a_clear_error_within_seconds(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="downloading it failed.*network is unreachable.*data_batch_1"):
         cifar.load(cfg)
     assert time.time() - t < 30
+
+
+def test_training_batches_are_read_in_numeric_order_and_stray_files_ignored(tmp_path):
+    root = write_cifar(tmp_path, 30, 10, batches=3)
+    d = root / "cifar-10-batches-py"
+    (d / "data_batch_3").rename(d / "data_batch_10")
+    (d / "data_batch_1.bak").write_bytes((d / "data_batch_1").read_bytes())
+    expected = [pickle.load(open(d / f"data_batch_{k}", "rb"))["labels"] for k in (1, 2, 10)]
+    train, _ = cifar.read(root)
+    assert train.labels.tolist() == sum(expected, [])
