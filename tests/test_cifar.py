@@ -9,7 +9,7 @@ import torch
 from dtrain.config import build_config
 from dtrain.data import cifar
 from dtrain.errors import UserError
-from helpers import write_cifar
+from helpers import write_cifar, write_python2_pickles
 
 
 def test_reads_generated_batches(cifar_dir):
@@ -24,14 +24,11 @@ def test_reads_generated_batches(cifar_dir):
 
 
 def test_reads_original_python2_style_pickles_with_byte_keys(tmp_path):
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
     x = np.random.default_rng(0).integers(0, 255, (7, 3072), dtype=np.uint8)
-    for name in ("data_batch_1", "test_batch"):
-        with open(d / name, "wb") as f:
-            pickle.dump({b"batch_label": b"x", b"labels": [1, 2, 3, 4, 5, 6, 7], b"data": x}, f, protocol=2)
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in cifar.CLASSES]}, f, protocol=2)
+    batch = {"batch_label": b"x", "labels": [1, 2, 3, 4, 5, 6, 7], "data": x}
+    meta = {"label_names": [n.encode() for n in cifar.CLASSES]}
+    write_python2_pickles(tmp_path / "cifar-10-batches-py", {"data_batch_1": batch, "test_batch": batch,
+                                                             "batches.meta": meta})
     train, test = cifar.read(tmp_path)
     assert len(train) == 7 and train.classes == cifar.CLASSES and train.labels.tolist() == [1, 2, 3, 4, 5, 6, 7]
 

@@ -17,7 +17,7 @@ from dtrain.data import cifar, load_dataset, stats
 from dtrain.engine import top_k_accuracy
 from dtrain.errors import UserError
 from dtrain.models import build_model, list_archs
-from helpers import REPO, env, metrics, train, write_cifar100
+from helpers import REPO, env, metrics, train, write_cifar100, write_python2_pickles
 
 BASE = ["--arch", "cnn", "--dataset", "cifar100", "--no-download", "--batch-size", "50", "--epochs", "1",
         "--workers", "0"]
@@ -55,16 +55,11 @@ def test_dataset_normalisation_is_cifar100s_published_mean_and_std(c100):
 
 
 def test_python2_pickles_with_byte_keys(tmp_path):
-    d = tmp_path / "cifar-100-python"
-    d.mkdir()
     x = np.random.default_rng(0).integers(0, 255, (6, 3072), dtype=np.uint8)
-    for name in ("train", "test"):
-        with open(d / name, "wb") as f:
-            pickle.dump({b"data": x, b"fine_labels": [0, 1, 2, 3, 4, 99], b"coarse_labels": [0, 0, 1, 1, 2, 19]}, f,
-                        protocol=2)
-    with open(d / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                     b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, f, protocol=2)
+    split = {"data": x, "fine_labels": [0, 1, 2, 3, 4, 99], "coarse_labels": [0, 0, 1, 1, 2, 19]}
+    meta = {"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            "coarse_label_names": [f"c{i}".encode() for i in range(20)]}
+    write_python2_pickles(tmp_path / "cifar-100-python", {"train": split, "test": split, "meta": meta})
     train_set, _ = cifar.read(tmp_path, cifar.CIFAR100)
     assert train_set.labels.tolist() == [0, 1, 2, 3, 4, 99] and train_set.classes[99] == "f99"
     assert cifar.read(tmp_path, cifar.CIFAR100_COARSE)[0].classes[19] == "c19"
@@ -165,7 +160,7 @@ def _logits(ckpt, images: torch.Tensor) -> torch.Tensor:
 
 def test_trains_and_reports_top5_everywhere(c100, tmp_path):
     out = tmp_path / "run"
-    extra = ["--plots", "--wandb", "--tensorboard"] if importlib.util.find_spec("tensorboard") else ["--plots", "--wandb"]
+    extra = ["--plots", "--wandb"] + (["--tensorboard"] if importlib.util.find_spec("tensorboard") else [])
     r = train([*BASE, "--data-dir", c100, "--output-dir", out, *extra], timeout=300,
               extra_env={"WANDB_MODE": "offline", "HOME": tmp_path / "home"})
     row = metrics(out)[-1]
