@@ -412,6 +412,8 @@ CROSS_CHECKS = (
     (lambda c: not c.lookahead or c.ema is not None,
      "--lookahead N needs --ema DECAY (e.g. --ema 0.95 --lookahead 5)"),
     (lambda c: not c.tta_shift or c.tta, "--tta-shift N needs --tta"),
+    (lambda c: c.cifar100_labels == "fine" or c.dataset == "cifar100",
+     "--cifar100-labels coarse needs --dataset cifar100"),
 )
 
 

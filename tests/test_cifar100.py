@@ -102,6 +102,15 @@ def test_missing_meta_and_labels_out_of_range_are_clear_errors(tmp_path):
         cifar.read(root, cifar.CIFAR100)
 
 
+def test_coarse_labels_on_another_dataset_and_unknown_kinds_are_refused(capsys):
+    from dtrain.main import main
+    for flags, message in ((["--cifar100-labels", "coarse"], "--cifar100-labels coarse needs --dataset cifar100"),
+                           (["--dataset", "cifar100", "--cifar100-labels", "super"], "invalid choice: 'super'")):
+        with pytest.raises(SystemExit) as e:
+            main(["--arch", "cnn", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_absent_without_download_names_the_files(tmp_path):
     with pytest.raises(UserError, match=r"CIFAR-100 not found.*--no-download.*cifar-100-python/train, test, meta"):
         load_dataset(config(tmp_path / "nowhere"))
