@@ -87,9 +87,11 @@ class Config:
     pretrained: bool = _f(False, "tv:<name> archs: start from torchvision's ImageNet weights (from its cache)")
     weights: str | None = _f(None, "tv:<name> archs: start from the weights in this file")
     # data
-    dataset: str = _f("cifar10", "dataset format", ["cifar10", "fake", "kaggle", "imagefolder", "mnist"])
+    dataset: str = _f("cifar10", "dataset format", ["cifar10", "cifar100", "fake", "kaggle", "imagefolder", "mnist"])
     data_dir: str = _f("data", "dataset root folder")
-    download: bool = _f(True, "download the dataset if it is absent (cifar10, mnist)")
+    download: bool = _f(True, "download the dataset if it is absent (cifar10, cifar100, mnist)")
+    cifar100_labels: str = _f("fine", "cifar100: train on the 100 fine classes or the 20 coarse superclasses",
+                              ["fine", "coarse"])
     val_split: int = _f(0, "hold out N labelled training images for validation (kaggle, imagefolder)",
                         check=at_least(0))
     image_size: int | None = _f(None, "resize images to this size (default: the dataset's own)", check=at_least(1))
@@ -411,6 +413,8 @@ CROSS_CHECKS = (
     (lambda c: not c.lookahead or c.ema is not None,
      "--lookahead N needs --ema DECAY (e.g. --ema 0.95 --lookahead 5)"),
     (lambda c: not c.tta_shift or c.tta, "--tta-shift N needs --tta"),
+    (lambda c: c.cifar100_labels == "fine" or c.dataset == "cifar100",
+     "--cifar100-labels coarse needs --dataset cifar100"),
 )
 
 

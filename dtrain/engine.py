@@ -125,6 +125,7 @@ class Evaluation:
     index: torch.Tensor     # dataset indices, sorted
     preds: torch.Tensor
     targets: torch.Tensor
+    top5: float | None = None   # top-5 accuracy, for more than 5 classes
 
     def confusion(self, num_classes: int) -> torch.Tensor:
         """rows: true class, columns: predicted class."""
@@ -184,6 +185,13 @@ def predict(model, loader, pipeline, accelerator, tta: bool = False, tta_shift: 
     return gather_samples(accelerator, idx, logits)
 
 
+def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, k: int) -> float:
+    """Share of samples whose class is among the k highest logits (or is the top-1 prediction, so that
+    ties never make top-k lower than top-1)."""
+    hit = (logits.topk(k, dim=1).indices == targets[:, None]).any(1) | (preds == targets)
+    return hit.float().mean().item()
+
+
 def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bool = False,
              tta_shift: int = 0) -> Evaluation:
     index, logits = predict(model, loader, pipeline, accelerator, tta, tta_shift)
@@ -191,7 +199,8 @@ def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bo
     loss = F.cross_entropy(logits, targets).item() if len(index) else float("nan")
     preds = logits.argmax(1)
     acc = (preds == targets).float().mean().item() if len(index) else float("nan")
-    return Evaluation(loss, acc, index, preds, targets)
+    top5 = top_k_accuracy(logits, targets, preds, 5) if len(index) and logits.shape[1] > 5 else None
+    return Evaluation(loss, acc, index, preds, targets, top5)
 
 
 class Trainer:
@@ -346,7 +355,8 @@ class Trainer:
             ev = evaluate(self.eval_model, self.val_loader, self.eval_pipe, self.acc, self.val_labels, cfg.tta,
                           cfg.tta_shift)
         row = {"epoch": epoch + 1, "step": s.step, "train_loss": total.mean_loss, "train_acc": total.accuracy,
-               "val_loss": ev.loss if ev else None, "val_acc": ev.acc if ev else None, "lr": self.schedule.lr,
+               "val_loss": ev.loss if ev else None, "val_acc": ev.acc if ev else None,
+               "val_top5": ev.top5 if ev else None, "lr": self.schedule.lr,
                "epoch_seconds": s.epoch_seconds, "eval_seconds": time.perf_counter() - t_eval,
                "images_per_second": total.count / s.epoch_seconds if s.epoch_seconds else None,
                "train_samples": total.count, "val_samples": len(ev.index) if ev else None,

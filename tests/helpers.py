@@ -16,6 +16,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 MAIN = str(REPO / "dtrain" / "main.py")
 
 
+def _cifar_images(rng, n: int, classes: int, learnable: bool) -> tuple[np.ndarray, np.ndarray]:
+    """n images as CIFAR stores them (N x 3072 uint8: R, G, B planes) and their labels."""
+    y = rng.integers(0, classes, n)
+    x = rng.normal(128, 40, (n, 3, 32, 32))
+    if learnable:  # a per-class colour, so a model can learn
+        x += (np.linspace(-60, 60, classes)[y])[:, None, None, None] * np.array([1, -1, 0.5])[None, :, None, None]
+    return np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), y
+
+
 def write_cifar(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0, batches: int = 2,
                 classes: int = 10, learnable: bool = True) -> Path:
     """A CIFAR-10 folder in the real pickled-batch format (dict with 'data' N x 3072 uint8, 'labels')."""
@@ -24,11 +33,7 @@ def write_cifar(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0,
     d.mkdir(parents=True, exist_ok=True)
 
     def make(n):
-        y = rng.integers(0, classes, n)
-        x = rng.normal(128, 40, (n, 3, 32, 32))
-        if learnable:  # a per-class colour, so a model can learn
-            x += (np.linspace(-60, 60, classes)[y])[:, None, None, None] * np.array([1, -1, 0.5])[None, :, None, None]
-        return np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), y
+        return _cifar_images(rng, n, classes, learnable)
 
     x, y = make(n_train)
     for k, idx in enumerate(np.array_split(np.arange(n_train), batches)):
@@ -43,6 +48,33 @@ def write_cifar(root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0,
     with open(d / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f)
     return Path(root)
+
+
+def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int = 0, fine: int = 100,
+                   coarse: int = 20, learnable: bool = True) -> Path:
+    """A CIFAR-100 folder in the real layout: cifar-100-python/{train,test,meta}, pickled dicts with 'data'
+    (N x 3072 uint8), 'fine_labels', 'coarse_labels' (fine class i belongs to superclass i % coarse), and
+    the meta file's 'fine_label_names' and 'coarse_label_names'."""
+    rng = np.random.default_rng(seed)
+    d = Path(root) / "cifar-100-python"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        x, y = _cifar_images(rng, n, fine, learnable)
+        with open(d / name, "wb") as f:
+            pickle.dump({"filenames": [f"{i}.png" for i in range(n)], "batch_label": f"{name}ing batch 1 of 1",
+                         "fine_labels": y.tolist(), "coarse_labels": (y % coarse).tolist(), "data": x}, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{i}" for i in range(fine)],
+                     "coarse_label_names": [f"coarse{i}" for i in range(coarse)]}, f)
+    return Path(root)
+
+
+def write_python2_pickles(folder: Path, files: dict[str, dict]) -> None:
+    """Each {file name: dict} pickled as the original CIFAR files were: protocol 2, byte-string keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, d in files.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump({k.encode(): v for k, v in d.items()}, f, protocol=2)
 
 
 def env(**extra) -> dict:

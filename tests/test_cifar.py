@@ -9,7 +9,7 @@ import torch
 from dtrain.config import build_config
 from dtrain.data import cifar
 from dtrain.errors import UserError
-from helpers import write_cifar
+from helpers import write_cifar, write_python2_pickles
 
 
 def test_reads_generated_batches(cifar_dir):
@@ -24,14 +24,11 @@ def test_reads_generated_batches(cifar_dir):
 
 
 def test_reads_original_python2_style_pickles_with_byte_keys(tmp_path):
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
     x = np.random.default_rng(0).integers(0, 255, (7, 3072), dtype=np.uint8)
-    for name in ("data_batch_1", "test_batch"):
-        with open(d / name, "wb") as f:
-            pickle.dump({b"batch_label": b"x", b"labels": [1, 2, 3, 4, 5, 6, 7], b"data": x}, f, protocol=2)
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in cifar.CLASSES]}, f, protocol=2)
+    batch = {"batch_label": b"x", "labels": [1, 2, 3, 4, 5, 6, 7], "data": x}
+    meta = {"label_names": [n.encode() for n in cifar.CLASSES]}
+    write_python2_pickles(tmp_path / "cifar-10-batches-py", {"data_batch_1": batch, "test_batch": batch,
+                                                             "batches.meta": meta})
     train, test = cifar.read(tmp_path)
     assert len(train) == 7 and train.classes == cifar.CLASSES and train.labels.tolist() == [1, 2, 3, 4, 5, 6, 7]
 
@@ -67,3 +64,13 @@ def test_failed_download_is_a_clear_error_within_seconds(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="downloading it failed.*network is unreachable.*data_batch_1"):
         cifar.load(cfg)
     assert time.time() - t < 30
+
+
+def test_training_batches_are_read_in_numeric_order_and_stray_files_ignored(tmp_path):
+    root = write_cifar(tmp_path, 30, 10, batches=3)
+    d = root / "cifar-10-batches-py"
+    (d / "data_batch_3").rename(d / "data_batch_10")
+    (d / "data_batch_1.bak").write_bytes((d / "data_batch_1").read_bytes())
+    expected = [pickle.load(open(d / f"data_batch_{k}", "rb"))["labels"] for k in (1, 2, 10)]
+    train, _ = cifar.read(root)
+    assert train.labels.tolist() == sum(expected, [])

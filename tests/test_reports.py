@@ -151,6 +151,35 @@ def test_render_handles_any_number_of_classes(k):
 
 
 @needs_matplotlib
+def test_run_picture_draws_val_top5_where_the_rows_have_it():
+    rows = [{**row(1, 4), "val_top5": 0.9}, {**row(2, 8), "val_top5": 0.95}]
+    fig = plots.figure(rows, None, [], "t", 2)
+    labels = [line.get_label() for ax in fig.axes for line in ax.lines]
+    assert "val top-5 (best 95.00% at epoch 2)" in labels and "top-5 95.00%" in fig.get_suptitle()
+    fig = plots.figure([row(1, 4), {**row(2, 8), "val_top5": None}], None, [], "t", 2)
+    labels = [line.get_label() for ax in fig.axes for line in ax.lines]
+    assert not any("top-5" in text for text in labels + [fig.get_suptitle()])
+
+
+def test_console_table_has_val_top5_for_more_than_five_classes():
+    from rich.console import Console
+
+    from dtrain.report.console import ConsoleReporter
+    cfg = build_config(["--arch", "cnn", "--dataset", "fake"])
+    info = {"train_size": 10, "val_size": 10, "parameters": 1, "world_size": 1, "distributed_type": "NO",
+            "device": "cpu", "per_process_batch": 8, "precision": "no", "output_dir": "x"}
+    for k in (100, 6, 5, 2):
+        buf = io.StringIO()
+        rep = ConsoleReporter(Console(file=buf, width=200))
+        rep.start(cfg, {**info, "num_classes": k})
+        rep.epoch({**row(1, 4), "val_top5": 0.875 if k > 5 else None})
+        rep.epoch({**row(2, 8), "val_top5": None})                  # an epoch without evaluation
+        table = buf.getvalue().splitlines()[3:]
+        assert ("val_top5" in table[0]) == (k > 5) and ("87.50%" in table[1]) == (k > 5), (k, table)
+        assert table[0].split().index("val_acc") == 5
+
+
+@needs_matplotlib
 def test_render_before_any_epoch():
     png = plots.render([], None, [], "t")
     assert png[:4] == b"\x89PNG"

@@ -12,13 +12,15 @@ from helpers import REPO, env, metrics, train
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
-    """One real run (cnn on fake data, 2 epochs): its config.json and metrics.jsonl are the templates."""
+    """One real run (cnn on fake data with 5 classes, so no top-5, 2 epochs): its config.json and
+    metrics.jsonl are the templates."""
     out = tmp_path_factory.mktemp("real") / "run"
-    train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--epochs", "2",
-           "--workers", "0", "--output-dir", str(out)], timeout=300)
+    train(["--arch", "cnn", "--dataset", "fake", "--num-classes", "5", "--fake-size", "64", "--batch-size", "32",
+           "--epochs", "2", "--workers", "0", "--output-dir", str(out)], timeout=300)
     config = json.loads((out / "config.json").read_text())
     rows = metrics(out)
     assert len(rows) == 2 and {"epoch", "step", "val_acc", "epoch_seconds", "train_samples"} <= set(rows[-1])
+    assert rows[-1]["val_top5"] is None
     return out, config, rows
 
 

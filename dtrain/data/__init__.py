@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-FORMATS = {"cifar10": "cifar", "fake": "fake", "kaggle": "kaggle", "imagefolder": "imagefolder", "mnist": "mnist"}
+FORMATS = {"cifar10": "cifar", "cifar100": "cifar", "fake": "fake", "kaggle": "kaggle", "imagefolder": "imagefolder",
+           "mnist": "mnist"}
 
 
 @dataclass

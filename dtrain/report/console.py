@@ -13,8 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 COLUMNS = [("epoch", "{}"), ("step", "{}"), ("train_loss", "{:.4f}"), ("train_acc", "{:.2%}"),
-           ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("lr", "{:.3g}"), ("epoch_seconds", "{:.1f}"),
-           ("images_per_second", "{:,.0f}")]
+           ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("val_top5", "{:.2%}"), ("lr", "{:.3g}"),
+           ("epoch_seconds", "{:.1f}"), ("images_per_second", "{:,.0f}")]
+
+
+def table_columns(num_classes: int | None) -> list[tuple[str, str]]:
+    """The epoch table's columns: val_top5 only for more than 5 classes."""
+    return [c for c in COLUMNS if c[0] != "val_top5" or (num_classes or 0) > 5]
 
 
 def make_console() -> Console:
@@ -86,8 +91,10 @@ class ConsoleReporter:
         self.progress = None
         self.task = None
         self.rows = 0
+        self.columns = table_columns(None)
 
     def start(self, cfg, info: dict) -> None:
+        self.columns = table_columns(info["num_classes"])
         self.console.print(f"[bold]dtrain[/] {cfg.arch} on {cfg.dataset}: {info['train_size']:,} train / "
                            f"{info['val_size']:,} val images, {info['num_classes']} classes, "
                            f"{info['parameters']:,} parameters")
@@ -123,9 +130,9 @@ class ConsoleReporter:
     def epoch(self, row: dict, evaluation=None) -> None:
         self.end_epoch()
         table = Table(show_header=self.rows == 0, box=None, pad_edge=False)
-        for name, _ in COLUMNS:
+        for name, _ in self.columns:
             table.add_column(name, justify="right", min_width=max(len(name), 9))
-        table.add_row(*[fmt.format(row[k]) if row.get(k) is not None else "-" for k, fmt in COLUMNS])
+        table.add_row(*[fmt.format(row[k]) if row.get(k) is not None else "-" for k, fmt in self.columns])
         self.console.print(table)
         self.rows += 1
 

@@ -1,9 +1,9 @@
 """A picture of the run: <output-dir>/run.png, redrawn after epochs and at the end (main process only).
 
-Left: loss, accuracy (train vs val, per epoch) and the learning rate; right: the confusion matrix of the
-latest evaluation (rows: true class with its recall, columns: predicted class; colour: share of the row,
-numbers: image counts). The title says how far the run got and its best validation accuracy, so a glance
-tells whether the run went well.
+Left: loss, accuracy (train vs val, per epoch; val top-5 dashed where there are more than 5 classes) and
+the learning rate; right: the confusion matrix of the latest evaluation (rows: true class with its recall,
+columns: predicted class; colour: share of the row, numbers: image counts). The title says how far the run
+got, its latest and best validation accuracy (and top-5), so a glance tells whether the run went well.
 
 matplotlib is a dependency of dtrain; where it is missing anyway, a run warns once and draws nothing. Drawing uses
 the Agg canvas directly (no pyplot, no display). Redraws are throttled so they take at most about 5% of
@@ -103,6 +103,13 @@ def _series(rows: list[dict], key: str, scale: float = 1.0):
 
 def render(rows: list[dict], confusion, classes: list[str], title: str = "", epochs: int | None = None) -> bytes:
     """The run picture as PNG bytes."""
+    buf = io.BytesIO()
+    figure(rows, confusion, classes, title, epochs).savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def figure(rows: list[dict], confusion, classes: list[str], title: str = "", epochs: int | None = None):
+    """The run picture as a matplotlib Figure on an Agg canvas."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -118,14 +125,16 @@ def render(rows: list[dict], confusion, classes: list[str], title: str = "", epo
 
     style = {"marker": "o", "markersize": 3 if len(rows) > 30 else 4, "linewidth": 1.6}
     for ax, key, label, scale in ((ax_loss, "loss", "loss", 1.0), (ax_acc, "acc", "accuracy (%)", 100.0)):
-        for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
-            x, y = _series(rows, f"{split}_{key}", scale)
+        lines = [(f"train_{key}", "train", "tab:blue", "-"), (f"val_{key}", "val", "tab:orange", "-")]
+        if key == "acc":
+            lines.append(("val_top5", "val top-5", "tab:orange", "--"))
+        for series, name, colour, linestyle in lines:
+            x, y = _series(rows, series, scale)
             if x:
-                name = split
-                if split == "val" and key == "acc":
+                if series.startswith("val") and key == "acc":
                     best = int(np.argmax(y))
-                    name = f"val (best {y[best]:.2f}% at epoch {x[best]})"
-                ax.plot(x, y, color=colour, label=name, **style)
+                    name = f"{name} (best {y[best]:.2f}% at epoch {x[best]})"
+                ax.plot(x, y, color=colour, linestyle=linestyle, label=name, **style)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -156,10 +165,11 @@ def render(rows: list[dict], confusion, classes: list[str], title: str = "", epo
     accs = [r["val_acc"] for r in rows if r.get("val_acc") is not None]
     if accs:
         head += f"  |  val acc {accs[-1]:.2%} (best {max(accs):.2%})"
+    top5 = [r["val_top5"] for r in rows if r.get("val_top5") is not None]
+    if top5:
+        head += f", top-5 {top5[-1]:.2%}"
     fig.suptitle(head, fontsize=12, fontweight="bold")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
+    return fig
 
 
 def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:

@@ -2,8 +2,8 @@
 
 Every scalar's x axis is the optimiser step, so per-step and per-epoch charts line up:
   train/loss, train/lr, train/images_per_second           every --log-every steps (the batch loss)
-  epoch/train_loss, epoch/train_acc, epoch/val_loss, epoch/val_acc, epoch/lr, epoch/epoch,
-  epoch/epoch_seconds, epoch/images_per_second            once per epoch, at the epoch's last step
+  epoch/train_loss, epoch/train_acc, epoch/val_loss, epoch/val_acc, epoch/val_top5 (more than 5 classes),
+  epoch/lr, epoch/epoch, epoch/epoch_seconds, epoch/images_per_second   once per epoch, at its last step
 A resumed run purges what a killed run logged after the point it resumes from (TensorBoard's purge_step),
 so curves never show the same step twice; a fresh run in a used output dir purges everything before it.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from dtrain.errors import UserError
 
-EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch", "epoch_seconds", "images_per_second")
+EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch", "epoch_seconds",
+              "images_per_second")
 STEP_KEYS = ("loss", "lr", "images_per_second")
 
 
