@@ -38,15 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=command_name("dtrain/predict.py"),
         description="Predict with a dtrain checkpoint: a Kaggle CIFAR-10 submission CSV (--dataset kaggle), "
-                    "accuracy on a labelled split (--dataset cifar10|imagefolder), or single images (--image). "
+                    "accuracy on a labelled split (--dataset cifar10|cifar100|imagefolder), or single images (--image). "
                     "Runs under plain python, accelerate launch or torchrun.")
-    p.add_argument("--checkpoint", help="a last.pt/best.pt written by dtrain/main.py (it rebuilds the model)")
-    p.add_argument("--dataset", default="kaggle", choices=["kaggle", "cifar10", "imagefolder"],
+    p.add_argument("--checkpoint", help="a last.pt/best.pt written by dtrain train, or a .safetensors written by dtrain export "
+                                          "(it rebuilds the model)")
+    p.add_argument("--dataset", default="kaggle", choices=["kaggle", "cifar10", "cifar100", "imagefolder"],
                    help="data format (default kaggle)")
     p.add_argument("--data-dir", default="data", help="dataset root; kaggle: the folder holding test/ (default data)")
     p.add_argument("--split", default="test", choices=["test", "val", "train"],
                    help="which images: kaggle test = the unlabelled test folder; val/train (and test for "
-                        "cifar10/imagefolder) are labelled and give an accuracy (default test)")
+                        "cifar10/cifar100/imagefolder) are labelled and give an accuracy (default test)")
     p.add_argument("--output", help="CSV to write (default submission.csv for the kaggle test split, else "
                                     "predictions.csv)")
     p.add_argument("--batch-size", type=int, default=1024, help="GLOBAL batch size (default 1024)")

@@ -17,7 +17,7 @@ from dtrain.data import cifar, load_dataset, stats
 from dtrain.engine import top_k_accuracy
 from dtrain.errors import UserError
 from dtrain.models import build_model, list_archs
-from helpers import REPO, env, metrics, train, write_cifar100, write_python2_pickles
+from helpers import REPO, env, launch, metrics, train, write_cifar100, write_python2_pickles
 
 BASE = ["--arch", "cnn", "--dataset", "cifar100", "--no-download", "--batch-size", "50", "--epochs", "1",
         "--workers", "0"]
@@ -220,6 +220,11 @@ def test_coarse_labels_on_two_processes_count_each_image_once(tmp_path):
     top1, top5, n = hits(out, root, cifar.CIFAR100_COARSE)
     assert row["val_samples"] == n == 101
     assert round(row["val_acc"] * n) == top1 and round(row["val_top5"] * n) == top5 and top5 >= top1
+    # predict scores the same checkpoint on the same split: the same top-1 accuracy
+    p = launch(str(REPO / "dtrain" / "predict.py"), ["--checkpoint", out / "last.pt", "--dataset", "cifar100",
+                                                      "--data-dir", root, "--split", "test",
+                                                      "--output", tmp_path / "pred.csv"])
+    assert f"{top1 / n:.2%}" in p.stdout + p.stderr
 
 
 def test_ten_classes_have_top5_and_five_or_fewer_have_null(cifar_dir, tmp_path):
