@@ -34,7 +34,7 @@ from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
 from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_main_first,
-                                process_batch_sizes, run_on_main)
+                                process_batch_sizes, run_on_main, stop_on_lost_peer)
 from dtrain.engine import Trainer, TrainParts
 from dtrain.errors import UserError
 from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
@@ -162,7 +162,7 @@ def run(argv=None) -> dict | None:
     cfg = parse_config(argv)
     if cfg is None:
         return None
-    acc = make_accelerator(cfg.precision)
+    acc = make_accelerator(cfg.precision, cfg.dist_timeout)
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
@@ -202,7 +202,8 @@ def run(argv=None) -> dict | None:
 
 def main(argv=None) -> None:
     from dtrain.errors import run_cli
-    run_cli(run, argv)
+    with stop_on_lost_peer():
+        run_cli(run, argv)
 
 
 if __name__ == "__main__":
