@@ -12,21 +12,9 @@ from pathlib import Path
 import pytest
 
 from dtrain.distributed import EXIT_PEER_LOST, lost_peer_message
-from helpers import MAIN, REPO, env, free_port
+from helpers import MAIN, REPO, children, env, free_port
 
 TIMEOUT = 10
-
-
-def children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def rank_of(pid: int) -> int | None:

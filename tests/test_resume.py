@@ -15,22 +15,10 @@ from dtrain.checkpoint import (CHECKED_BY_RESULT, MAY_CHANGE, MODEL_KEYS, SAME_A
                                save_checkpoint)
 from dtrain.config import Config
 from dtrain.main import main
+from helpers import cli_error as refused
 
 FAKE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "128", "--batch-size", "32", "--no-wandb", "--no-plots",
         "--workers", "0", "--seed", "0"]
-
-
-def refused(argv, capsys) -> str:
-    """The one line a refused run prints; it exits 2 with no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def trained(argv) -> None:
