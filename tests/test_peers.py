@@ -104,7 +104,7 @@ def test_dist_timeout_reaches_the_process_group_and_the_stop_signal_group(tmp_pa
         "acc = make_accelerator(None, 3)\n"
         "group = cpu_group()\n"
         "if acc.process_index == 1:\n"
-        "    time.sleep(20)\n"
+        "    time.sleep(12)\n"
         "    sys.exit(0)\n"
         "for g in (None, group):\n"
         "    try:\n"
