@@ -9,16 +9,23 @@ A checkpoint is a plain dict of tensors and primitive values, so `torch.load(wei
     arch, arch_args     the --arch and its builder options (dtrain.models.build_model)
     num_classes, classes, in_channels, image_size, mean, std   the data it was trained on
     config              the run's Config as a dict
+    data                the training data's fingerprint (`data_fingerprint`): dataset kind, number of
+                        images, a digest of their labels in order
     model               the weights to deploy (the EMA average when --ema), a state dict
   the training position (`training_state` writes it, `restore_training` reads it back):
     optimizer, scheduler, scaler, epoch, step, batch_in_epoch, best_acc, epoch_seconds
     epoch_sums          the epoch under way's [loss sum, correct, count] over all processes
     rng                 torch (and CUDA) RNG states
     train_model, ema_n  with --ema only: the trained (not averaged) weights and the average's count
+
+Resuming (`find_resume`, `check_resumable`): what shapes the model, the data, the optimiser's state or a
+mid-epoch position must be the same as in the checkpoint's run, and a difference is named before any
+training; the settings in MAY_CHANGE are read afresh from this run.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
 import re
@@ -157,12 +164,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if path.suffix == ".safetensors":  # the deployable weights `dtrain export` writes, with the same metadata
         from dtrain.export import load_safetensors
         return load_safetensors(path)
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint (a text file, random "
+                        f"bytes, or a file cut short); give a last.pt or best.pt written by dtrain/main.py")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read (truncated, corrupt, or not a PyTorch file, or it "
-                        f"holds objects that are unsafe to load): {reason}") from None
+    except Exception as e:  # untrusted bytes: torch's unpickler raises all kinds
+        raise UserError(f"checkpoint {path} cannot be read (corrupt, or it holds objects that are unsafe to "
+                        f"load): {_load_error(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a dtrain checkpoint (it lacks format={FORMAT!r}); train with "
                         f"dtrain/main.py to make one")
@@ -175,11 +184,158 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_meta(cfg, arch_args: dict, classes, in_channels: int, image_size: int, mean, std) -> dict:
-    """The part of a checkpoint that inference needs besides the weights."""
-    return {"arch": cfg.arch, "arch_args": dict(arch_args), "num_classes": len(classes), "in_channels": in_channels,
+def _load_error(e: Exception) -> str:
+    """The line of torch.load's error that says what is wrong."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    unsafe = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line]
+    return (unsafe or lines or [type(e).__name__])[0]
+
+
+def model_meta(cfg, arch_args: dict, classes, in_channels: int, image_size: int, mean, std,
+               data: dict | None = None) -> dict:
+    """The part of a checkpoint that inference needs besides the weights (and the data's fingerprint)."""
+    meta = {"arch": cfg.arch, "arch_args": dict(arch_args), "num_classes": len(classes), "in_channels": in_channels,
             "image_size": image_size, "classes": list(classes), "mean": list(mean), "std": list(std),
             "config": cfg.to_dict()}
+    if data is not None:
+        meta["data"] = dict(data)
+    return meta
+
+
+def data_fingerprint(dataset: str, labels: torch.Tensor) -> dict:
+    """What identifies a run's training data: the dataset kind, the number of images and a digest of their
+    labels in order (it changes with other images, another split or another order; the class names are
+    kept beside it in the checkpoint)."""
+    digest = hashlib.sha256(labels.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"dataset": dataset, "train_size": len(labels), "labels": digest}
+
+
+# Settings a resumed run reads afresh: they may differ from the checkpoint's run. Every other setting
+# must match where `check_resumable` says (or is where the run is: output_dir, resume, recipe).
+MAY_CHANGE = (
+    # how long and how fast the run learns
+    "epochs", "max_steps", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "onecycle_start",
+    "onecycle_peak", "onecycle_end", "warmup_epochs", "milestones", "gamma", "plateau_monitor",
+    "plateau_patience", "plateau_factor", "label_smoothing", "grad_clip", "ema", "lookahead",
+    # augmentation, loading, evaluation
+    "augment", "crop_padding", "pad_mode", "hflip", "vflip", "cutout_holes", "cutout_length", "translate",
+    "rotate", "loader", "workers", "cache_dir", "data_dir", "download", "normalize", "eval_batch_size", "tta",
+    "tta_shift", "eval_every",
+    # the machine: processes, precision, speed
+    "precision", "channels_last", "compile", "sync_bn", "dist_timeout",
+    # only a fresh run's start
+    "pretrained", "weights",
+    # logging and output
+    "save_every", "log_every", "plots", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_name",
+    "wandb_mode", "wandb_group", "wandb_tags", "wandb_notes", "output_dir", "resume", "recipe", "sweep",
+    "sweep_index",
+)
+# Settings a resumed run always needs unchanged, and why.
+SAME_ALWAYS = {
+    "optimizer": "the optimiser's state depends on it",
+    "decay_norm_bias": "the optimiser's parameter groups depend on it",
+    "bias_lr_scale": "the optimiser's parameter groups depend on it",
+    "batch_size": "the run's step count, its schedule and its place in an epoch count batches of that size",
+    "grad_accum": "the run's step count, its schedule and its place in an epoch count batches of that size",
+}
+# Settings a run at a mid-epoch position needs unchanged: its place is in the sample order --seed shuffles
+# (the number of processes may change: the order is the same on any number). At an epoch boundary it may change.
+SAME_MID_EPOCH = ("seed",)
+# Settings checked through what they make (the model and its arguments, the data's fingerprint), so another
+# value that makes the same is fine.
+CHECKED_BY_RESULT = ("arch", "norm", "aux_logits", "dataset", "cifar100_labels", "val_split", "image_size",
+                     "fake_size", "num_classes")
+TRAINING_KEYS = ("optimizer", "scheduler", "epoch", "step", "batch_in_epoch", "best_acc")
+
+
+def find_resume(cfg, out: Path) -> tuple[Path | None, dict | None]:
+    """(path, checkpoint) to resume from, or (None, None) for a fresh start: --resume PATH, or with
+    --resume auto the output folder's last.pt when there is one. A file that is no training checkpoint, or
+    settings that must match the checkpoint's run and do not, are a UserError (`check_resumable` checks the
+    data once it is loaded)."""
+    if cfg.resume is None:
+        return None, None
+    path = Path(out) / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume == "auto" and not path.exists():
+        return None, None
+    ckpt = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} holds weights but no training position ({', '.join(missing)} missing), so a run "
+                        f"cannot continue from it; give a last.pt or best.pt written by dtrain/main.py")
+    if ckpt["arch"] != cfg.arch:
+        raise UserError(f"{path} holds a {ckpt['arch']!r} model but this run trains {cfg.arch!r}: pass the same "
+                        f"--arch (or --recipe), or another --output-dir for a fresh run")
+    _refuse(path, _setting_differences(ckpt, cfg))
+    return path, ckpt
+
+
+def check_resumable(ckpt: dict | None, meta: dict, path) -> None:
+    """A UserError naming how this run's data (meta: its model_meta) differs from the checkpoint's run:
+    classes, image size and channels, the data's fingerprint. Nothing when ckpt is None (a fresh start)."""
+    if ckpt is not None:
+        _refuse(path, _data_differences(ckpt, meta))
+
+
+def _refuse(path, diffs: list[str]) -> None:
+    if diffs:
+        raise UserError(f"cannot resume from {path}: {'; '.join(diffs)}. Resume with the settings it was trained "
+                        f"with (they are in its config.json), or start a fresh run in another --output-dir")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _short(values, n: int = 6) -> str:
+    values = list(values)
+    return ", ".join(map(str, values[:n])) + (f", ... ({len(values)} in all)" if len(values) > n else "")
+
+
+def _setting_differences(ckpt: dict, cfg) -> list[str]:
+    """The settings of this run that differ from the checkpoint's where resuming needs them unchanged."""
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    data = ckpt.get("data") if isinstance(ckpt.get("data"), dict) else {}
+    diffs = []
+
+    def compare(key, before, why=""):
+        if before is not None and before != getattr(cfg, key):
+            diffs.append(f"{_flag(key)} is {getattr(cfg, key)!r} here but {before!r} in the checkpoint{why}")
+
+    for key, before in (ckpt["arch_args"] if isinstance(ckpt["arch_args"], dict) else {}).items():
+        if hasattr(cfg, key):
+            compare(key, before)
+    compare("dataset", data.get("dataset", saved.get("dataset")))
+    for key, why in SAME_ALWAYS.items():
+        compare(key, saved.get(key), f" ({why})")
+    if ckpt["batch_in_epoch"]:
+        where = f"epoch {ckpt['epoch'] + 1}, batch {ckpt['batch_in_epoch']}"
+        for key in SAME_MID_EPOCH:
+            compare(key, saved.get(key), f", which stopped mid-epoch ({where}), a place that needs the same {_flag(key)}")
+    return diffs
+
+
+def _data_differences(ckpt: dict, meta: dict) -> list[str]:
+    """How this run's data differs from the checkpoint's run's."""
+    before, now = (m.get("data") if isinstance(m.get("data"), dict) else {} for m in (ckpt, meta))
+    classes_before, classes_now = list(ckpt["classes"]), list(meta["classes"])
+    diffs = []
+    if len(classes_before) != len(classes_now):
+        diffs.append(f"the data has {len(classes_now)} classes here but {len(classes_before)} in the checkpoint "
+                     f"(--num-classes, or other data)")
+    elif classes_before != classes_now:
+        diffs.append(f"the class names differ: {_short(classes_now)} here, {_short(classes_before)} in the "
+                     f"checkpoint (other data)")
+    elif "train_size" in before and before["train_size"] != now.get("train_size"):
+        diffs.append(f"the training data has {now.get('train_size')} images here but {before['train_size']} in the "
+                     f"checkpoint's run (other data, --val-split or --fake-size)")
+    elif "labels" in before and before["labels"] != now.get("labels"):
+        diffs.append("the training data has as many images as in the checkpoint's run but other labels or another "
+                     "order (other data, or another --seed where it draws the data or the --val-split)")
+    for key, what in (("image_size", "--image-size"), ("in_channels", "the images' channels")):
+        if int(ckpt[key]) != int(meta[key]):
+            diffs.append(f"{what} is {meta[key]} here but {ckpt[key]} in the checkpoint")
+    return diffs
 
 
 def training_state(trainer) -> dict:
@@ -198,12 +354,18 @@ def training_state(trainer) -> dict:
 
 
 def restore_training(trainer, ckpt: dict) -> None:
-    """Put a Trainer back at the position `training_state` saved."""
-    trainer.raw.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
+    """Put a Trainer back at the position `training_state` saved. The optimiser keeps this run's settings
+    (momentum, weight decay, ...: MAY_CHANGE) and takes the checkpoint's state."""
+    try:
+        trainer.raw.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
+        if trainer.ema is not None:
+            trainer.ema.module.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit this model: {str(e).strip().splitlines()[0]}; "
+                        f"resume with the settings it was trained with, or start a fresh run") from None
     if trainer.ema is not None:
-        trainer.ema.module.load_state_dict(ckpt["model"])
         trainer.ema.load_count(ckpt.get("ema_n", 1))
-    trainer.opt.load_state_dict(ckpt["optimizer"])
+    _load_optimizer(trainer.opt, ckpt["optimizer"])
     trainer.schedule.load_state_dict(ckpt["scheduler"])
     scaler = trainer.acc.scaler
     if scaler is not None and ckpt.get("scaler"):
@@ -215,6 +377,18 @@ def restore_training(trainer, ckpt: dict) -> None:
         s.meter.load(ckpt["epoch_sums"])
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
+
+
+def _load_optimizer(opt, state: dict) -> None:
+    """The checkpoint's optimiser state under this run's settings (lr, momentum, weight decay, ...)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(state)
+    except ValueError as e:  # parameter groups of other sizes
+        raise UserError(f"the checkpoint's optimiser state does not fit this run's: {e}; resume with the settings "
+                        f"it was trained with, or start a fresh run") from None
+    for group, mine in zip(opt.param_groups, settings):
+        group.update(mine)
 
 
 def rng_state() -> dict:

@@ -160,6 +160,9 @@ class Config:
     channels_last: bool = _f(False, "channels-last memory format")
     compile: bool = _f(False, "torch.compile the model")
     sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm (GPUs only)")
+    dist_timeout: float = _f(600.0, "seconds a process waits for the others in a collective; then a frozen or "
+                             "lost peer stops the job with an error naming it (resume with --resume auto)",
+                             check=positive)
     # output
     output_dir: str | None = _f(None, "output folder (default runs/<arch>-<time>, or runs/<job>-<id> under Slurm)")
     resume: str | None = _f(None, "'auto': continue from last.pt in the output dir if there is one; or a path")

@@ -3,16 +3,36 @@
 `make_accelerator` builds the HuggingFace Accelerator: on the CPU when there is no CUDA (MULTI_CPU with
 gloo, so `accelerate launch --multi_gpu --num_processes 2` gives one 2-process job, not two 1-process runs),
 with DDP tuned for speed; models and recipes never see these settings.
+
+A process that waits longer than the collective timeout (`--dist-timeout`) for the others gets an error
+from torch; `stop_on_lost_peer` turns it into one line naming the rank that stopped answering and exit
+status EXIT_PEER_LOST, so a frozen or lost peer ends the job instead of leaving the others waiting.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+from datetime import timedelta
+
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+
+DEFAULT_TIMEOUT = 600.0
+EXIT_PEER_LOST = 4
+_timeout = {"seconds": DEFAULT_TIMEOUT}  # the process group's collective timeout, for the groups made later
 
 
-def make_accelerator(precision: str | None = None) -> Accelerator:
-    """The Accelerator with the DDP settings for speed.
+def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Accelerator:
+    """The Accelerator with the DDP settings for speed, on a process group whose collectives give up after
+    `timeout` seconds.
+
+    The process group is created here by accelerate's PartialState with the timeout passed straight to
+    torch.distributed.init_process_group (for NCCL, and for gloo on the CPU). Not through
+    InitProcessGroupKwargs: its to_kwargs() drops a value equal to the class default (600 s), and torch
+    would then use its own default, 30 minutes on gloo.
 
     gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out of them).
     bucket_cap_mb 25 (torch's default): ResNet18's 45 MB of fp32 gradients go in 2 buckets, the first
@@ -29,9 +49,62 @@ def make_accelerator(precision: str | None = None) -> Accelerator:
     """
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    _timeout["seconds"] = timeout
+    PartialState(cpu, timeout=timedelta(seconds=timeout))
     # precision None: accelerate takes it from its config file / launcher flags / environment
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
-                       kwargs_handlers=[ddp_kwargs()], step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[ddp_kwargs()],
+                       step_scheduler_with_optimizer=False)
+
+
+def cpu_group():
+    """A gloo group of all processes, with the collective timeout of the default group (torch's new_group
+    does not inherit it: without one it waits 30 minutes). Every process must call it together."""
+    import torch.distributed as dist
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=_timeout["seconds"]))
+
+
+_TIMED_OUT = re.compile(r"timed out|timeout", re.I)
+_CLOSED = re.compile(r"connection (closed|reset)|broken pipe|connectFullMesh failed|communicator was aborted", re.I)
+_PEER_ADDRESS = re.compile(r"\[(\d+\.\d+\.\d+\.\d+|[0-9a-f:]+)\]:(\d+)", re.I)
+
+
+def lost_peer_message(error: BaseException, rank: int, world: int, timeout: float) -> str | None:
+    """One line for a collective that failed because another process froze or died, or None for any other
+    error. torch's text names no rank (gloo: "Timed out waiting 10000ms for recv operation to complete",
+    "Connection closed by peer [10.0.0.2]:4711"): with two processes it is the other one, with more the
+    peer's address when the text has one."""
+    text = str(error)
+    from_collective = isinstance(error, getattr(torch.distributed, "DistError", ())) or \
+        isinstance(error, RuntimeError) and re.search(r"gloo|nccl", text, re.I)
+    timed_out = bool(_TIMED_OUT.search(text))
+    if not from_collective or not (timed_out or _CLOSED.search(text)):
+        return None
+    address = _PEER_ADDRESS.search(text)
+    if world == 2:
+        who = f"rank {1 - rank}"
+    elif address:
+        who = f"the process at {address.group(1)}:{address.group(2)}"
+    else:
+        who = "another process"
+    what = f"stopped answering for {timeout:g} s (--dist-timeout)" if timed_out else "was lost (its connection closed)"
+    reason = re.sub(r"^\[[^\]]*\] *", "", text.strip().splitlines()[0]) if text.strip() else type(error).__name__
+    return f"{who} {what}: the job stops; its last.pt holds the last save; resume with --resume auto (torch: {reason})"
+
+
+@contextlib.contextmanager
+def stop_on_lost_peer():
+    """Around an entry point: a collective that failed on a frozen or lost peer ends the process with one
+    line on stderr and exit status EXIT_PEER_LOST (a launcher then stops, or restarts, the others)."""
+    try:
+        yield
+    except RuntimeError as e:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world, _timeout["seconds"])
+        if world < 2 or message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PEER_LOST)
 
 
 def ddp_kwargs() -> DistributedDataParallelKwargs:

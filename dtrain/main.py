@@ -28,15 +28,14 @@ from typing import Any
 import torch
 
 from dtrain import config as config_mod
-from dtrain.checkpoint import (atomic_write, load_checkpoint, make_output_dir, model_meta, remove_stale_temp_files,
-                               restore_training)
+from dtrain.checkpoint import (atomic_write, check_resumable, data_fingerprint, find_resume, make_output_dir,
+                               model_meta, remove_stale_temp_files, restore_training)
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
 from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_main_first,
-                                process_batch_sizes, run_on_main)
+                                process_batch_sizes, run_on_main, stop_on_lost_peer)
 from dtrain.engine import Trainer, TrainParts
-from dtrain.errors import UserError
 from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
 from dtrain.optim import OptimSpec, build_optimizer
 from dtrain.preempt import StopSignal
@@ -61,23 +60,6 @@ def claim_output_dir(out: Path, resume: str | None) -> str | None:
     _, resume = open_output_dir(out, resume)
     remove_stale_temp_files(out)
     return resume
-
-
-def find_resume(cfg, out: Path):
-    """The checkpoint to resume from, or None for a fresh start."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        path = out / "last.pt"
-        if not path.exists():
-            return None
-    else:
-        path = Path(cfg.resume)
-    ckpt = load_checkpoint(path)
-    if ckpt["arch"] != cfg.arch:
-        raise UserError(f"{path} holds a {ckpt['arch']!r} model but this run trains {cfg.arch!r}: pass the same "
-                        f"--arch (or --recipe), or another --output-dir for a fresh run")
-    return ckpt
 
 
 def parse_config(argv):
@@ -164,19 +146,21 @@ def run(argv=None) -> dict | None:
     cfg = parse_config(argv)
     if cfg is None:
         return None
-    acc = make_accelerator(cfg.precision)
+    acc = make_accelerator(cfg.precision, cfg.dist_timeout)
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
     out = Path(broadcast(acc, str(run_output_dir(cfg))))
     cfg.output_dir = str(out)
     cfg.resume = run_on_main(acc, lambda: claim_output_dir(out, cfg.resume))
-    ckpt = find_resume(cfg, out)
+    resume_from, ckpt = find_resume(cfg, out)
 
     data = build_data(cfg, acc, batch, eval_batch, ckpt)
     train_set = data.train_set
     meta = model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
-                      train_set.channels, train_set.size, data.mean, data.std)
+                      train_set.channels, train_set.size, data.mean, data.std,
+                      data_fingerprint(cfg.dataset, train_set.labels))
+    check_resumable(ckpt, meta, resume_from)
     model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None)
 
     if acc.is_main_process:
@@ -188,8 +172,7 @@ def run(argv=None) -> dict | None:
     trainer = Trainer(cfg, acc, parts, out, reporters, stop)
     if ckpt is not None:
         restore_training(trainer, ckpt)
-        reporters.message(f"resumed from {cfg.resume if cfg.resume != 'auto' else out / 'last.pt'} at epoch "
-                          f"{ckpt['epoch'] + 1}, step {ckpt['step']}")
+        reporters.message(f"resumed from {resume_from} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     elif cfg.resume == "auto":
         reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
     reporters.start(cfg, run_info(acc, data, raw, batch, out))
@@ -204,7 +187,8 @@ def run(argv=None) -> dict | None:
 
 def main(argv=None) -> None:
     from dtrain.errors import run_cli
-    run_cli(run, argv)
+    with stop_on_lost_peer():
+        run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from dtrain.distributed import cpu_group
+
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
@@ -40,7 +42,7 @@ class StopSignal:
             self._previous[s] = signal.signal(s, self._handle)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every rank must create the group; gloo keeps the flag exchange off the GPU stream
-            self.group = dist.new_group(backend="gloo")
+            self.group = cpu_group()
         return self
 
     def _handle(self, signum, frame) -> None:

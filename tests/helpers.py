@@ -167,3 +167,32 @@ def signal_mid_run(cmd: list, sig, environ: dict | None = None, group: bool = Tr
             proc.wait()
     thread.join(10)
     return rc, "".join(lines)
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (a launcher's workers), from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+def cli_error(argv, capsys) -> str:
+    """The one line that dtrain.main.main (in this process) prints for a refused run: it exits 2 with no
+    traceback."""
+    import pytest
+    from dtrain.main import main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -12,24 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, env, metrics
+from helpers import REPO, children, env, metrics
 
 ROUNDS, EPOCHS = 3, 8
 ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "256", "--batch-size", "32", "--no-wandb",
         "--epochs", str(EPOCHS), "--seed", "0", "--resume", "auto"]
 RESUMED = re.compile(r"resumed from .*last\.pt at epoch (\d+)")
-
-
-def children(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return sorted(kids)
 
 
 def saved_epochs(out: Path) -> int:

@@ -2,7 +2,7 @@
 run before any training with one line that names the flag, and exit status 2."""
 import pytest
 
-from dtrain.main import main
+from helpers import cli_error as run_cli
 
 BASE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb",
         "--no-plots", "--epochs", "1"]
@@ -44,17 +44,6 @@ BAD_RECIPES = [
     ("eval_every = 0", "--eval-every must be at least 1, not 0"),
     ("momentum = true", "momentum must be of type float"),
 ]
-
-
-def run_cli(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
