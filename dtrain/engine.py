@@ -348,12 +348,16 @@ class Trainer:
         stopped_by, last_eval = 0, None
         if self.compiled:
             self.warm_up_eval()
-        while s.epoch < self.cfg.epochs and s.step < self.total_steps:
-            stopped_by = self.train_epoch()
-            if stopped_by:
-                self.leave_on_signal(stopped_by)
-                break
-            last_eval = self.end_epoch()
+        try:
+            while s.epoch < self.cfg.epochs and s.step < self.total_steps:
+                stopped_by = self.train_epoch()
+                if stopped_by:
+                    self.leave_on_signal(stopped_by)
+                    break
+                last_eval = self.end_epoch()
+        except TrainingDiverged:
+            self.acc.end_training()  # every process stops at this point: they leave the process group together
+            raise
         elapsed = self.clock.elapsed()
         summary = {"steps": s.step, "epochs": s.epoch, "best_acc": s.best_acc, "stopped_by_signal": stopped_by,
                    "train_seconds": elapsed, "first_step_seconds": self.clock.first_step_seconds,
