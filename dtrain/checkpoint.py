@@ -14,6 +14,8 @@ A checkpoint is a plain dict of tensors and primitive values, so `torch.load(wei
     model               the weights to deploy (the EMA average when --ema), a state dict
   the training position (`training_state` writes it, `restore_training` reads it back):
     optimizer, scheduler, scaler, epoch, step, batch_in_epoch, best_acc, epoch_seconds
+    best_step           the step of the state that scored best_acc (None before an evaluation; absent in
+                        older files)
     epoch_sums          the epoch under way's [loss sum, correct, count] over all processes
     rng                 torch (and CUDA) RNG states
     train_model, ema_n  with --ema only: the trained (not averaged) weights and the average's count
@@ -21,6 +23,17 @@ A checkpoint is a plain dict of tensors and primitive values, so `torch.load(wei
 Resuming (`find_resume`, `check_resumable`): what shapes the model, the data, the optimiser's state or a
 mid-epoch position must be the same as in the checkpoint's run, and a difference is named before any
 training; the settings in MAY_CHANGE are read afresh from this run.
+
+last.pt and best.pt: the main process writes last.pt, then, when its evaluation is the best so far,
+copies it to best.pt (each write atomic). A checkpoint's step names its position uniquely (two saves at
+one step hold the same weights). A kill -9 at any point leaves one of: both old; last.pt new and best.pt
+old; both new. The middle case is the one to repair, and last.pt says so: its best_step is its own step
+while best.pt's step differs (or best.pt is missing). `restore_training` checks this at every resume and
+writes the resumed state to best.pt (`repair_best`); a kill during that repair leaves the same case for
+the next resume. So best.pt always holds the state whose accuracy the run records as best_acc. The other
+order (best.pt first) is not repairable: a kill between the writes leaves best.pt ahead of last.pt,
+holding weights whose accuracy the resumed run does not know, which a later, worse best would overwrite.
+Neither file is ever written with non-finite weights (the Trainer checks `all_finite` first).
 """
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from dtrain.distributed import run_on_main
 from dtrain.errors import UserError
 
 FORMAT = "dtrain"
@@ -45,6 +59,7 @@ MODEL_KEYS = ("arch", "arch_args", "num_classes", "in_channels", "image_size", "
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # atomic_write's temp files
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _LOW_SPACE = 1 << 20
+_UNREADABLE = (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError)
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -150,6 +165,25 @@ def _write_error(path: Path, e: OSError) -> UserError:
     return UserError(f"cannot write {path}: {e.strerror or e}; check the folder or use another --output-dir")
 
 
+def all_finite(*states) -> bool:
+    """Whether every floating-point tensor in these (nested) state dicts is finite: one sync per device."""
+    flags = {}
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() or v.is_complex():
+                flags.setdefault(v.device, []).append(torch.isfinite(v).all())
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+    for state in states:
+        visit(state)
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     state = {"format": FORMAT, "version": VERSION, **state}
     atomic_write(path, lambda f: torch.save(state, f))
@@ -226,7 +260,7 @@ MAY_CHANGE = (
     # only a fresh run's start
     "pretrained", "weights",
     # logging and output
-    "save_every", "log_every", "plots", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_name",
+    "save_every", "save_every_minutes", "log_every", "plots", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_name",
     "wandb_mode", "wandb_group", "wandb_tags", "wandb_notes", "output_dir", "resume", "recipe", "sweep",
     "sweep_index",
 )
@@ -346,6 +380,7 @@ def training_state(trainer) -> dict:
              "optimizer": trainer.opt.state_dict(), "scheduler": trainer.schedule.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "epoch": s.epoch, "step": s.step, "batch_in_epoch": s.batch_in_epoch, "best_acc": s.best_acc,
+             "best_step": s.best_step,
              "epoch_sums": s.meter.to_list(), "epoch_seconds": s.epoch_seconds, "rng": rng_state()}
     if ema is not None:
         state["train_model"] = trainer.raw.state_dict()
@@ -372,11 +407,31 @@ def restore_training(trainer, ckpt: dict) -> None:
         scaler.load_state_dict(ckpt["scaler"])
     s = trainer.state
     s.epoch, s.step, s.batch_in_epoch, s.best_acc = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best_acc"]
-    s.epoch_seconds = ckpt.get("epoch_seconds", 0.0)
+    s.epoch_seconds, s.best_step = ckpt.get("epoch_seconds", 0.0), ckpt.get("best_step")
     if s.batch_in_epoch and trainer.acc.is_main_process:  # the partial epoch's sums: held by one process
         s.meter.load(ckpt["epoch_sums"])
     if "rng" in ckpt:
         set_rng_state(ckpt["rng"])
+    resumed = trainer.out / "last.pt" if trainer.cfg.resume == "auto" else Path(trainer.cfg.resume)
+    trainer.last_good = (resumed, s.epoch, s.step, s.batch_in_epoch)
+    if run_on_main(trainer.acc, lambda: repair_best(trainer.out / "best.pt", ckpt)):
+        trainer.report.message(f"{trainer.out / 'best.pt'} was older than the best state {resumed} records "
+                               f"(a stop between the two writes): rewritten from {resumed}")
+
+
+def repair_best(best_path: str | os.PathLike, ckpt: dict) -> bool:
+    """Main process, at a resume from `ckpt`: when ckpt is the run's best state (best_step == step) and
+    best_path holds another step (or is missing or unreadable), write ckpt there. Returns whether it did."""
+    if ckpt.get("best_step") is None or ckpt["best_step"] != ckpt["step"]:
+        return False
+    try:
+        held = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
+    except _UNREADABLE:
+        held = None
+    if isinstance(held, dict) and held.get("step") == ckpt["step"]:
+        return False
+    save_checkpoint(best_path, ckpt)
+    return True
 
 
 def _load_optimizer(opt, state: dict) -> None:

@@ -184,6 +184,9 @@ class Config:
     sweep: list[str] = _f([], "a grid of runs: KEY=V1,V2,... for any setting, repeatable; this run is "
                           "combination --sweep-index (default $SLURM_ARRAY_TASK_ID); --sweep-list shows them")
     sweep_index: int | None = _f(None, "which combination of the --sweep grid this run is (from 0)")
+    save_every_minutes: float | None = _f(None, "also write last.pt mid-epoch, at the first step after this "
+                                          "many minutes since the last save (default: off), so a crash loses "
+                                          "at most that much work", check=positive)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

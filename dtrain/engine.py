@@ -4,11 +4,19 @@ dataset or logger it is driving.
 Position and preemption: `TrainState` counts completed epochs, optimiser steps and the batches done in
 the current epoch. A stop signal is honoured at the next optimiser-step boundary (all processes agree),
 the main process saves `last.pt` with that position, and a run started with `--resume auto` continues
-there, skipping only the batches already done in that one epoch.
+there, skipping only the batches already done in that one epoch. With --save-every-minutes the main
+process's clock asks for the same save mid-epoch (the flag shares the stop signal's all-reduce) and
+training goes on.
+
+Divergence: a non-finite loss is looked for where the loop reads device values already (the loss of a
+log step, the epoch's sums when they are reduced), so it costs no synchronisation; the flag shares the
+stop signal's all-reduce, so every process stops at the same step with TrainingDiverged, which names the
+last good checkpoint. A save checks the weights first and refuses non-finite ones (`checkpoint.all_finite`).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.checkpoint import atomic_write, save_checkpoint, training_state
+from dtrain.checkpoint import all_finite, atomic_write, save_checkpoint, training_state
 from dtrain.data.augment import BatchRNG
-from dtrain.distributed import gather_samples
+from dtrain.distributed import gather_samples, run_on_main
 from dtrain.ema import WeightAverage
+from dtrain.errors import TrainingDiverged
 from dtrain.models import training_loss
 from dtrain.optim import LRSchedule, ScheduleSpec
 
@@ -73,6 +82,7 @@ class TrainState:
     step: int = 0               # optimiser steps taken
     batch_in_epoch: int = 0     # batches done in the epoch under way (mid-epoch resume)
     best_acc: float | None = None
+    best_step: int | None = None  # the step of the state that scored best_acc (best.pt's)
     meter: EpochMeter = field(default_factory=EpochMeter)  # this process's sums for the epoch under way
     epoch_seconds: float = 0.0
 
@@ -224,18 +234,59 @@ class Trainer:
         self.schedule = LRSchedule(self.opt, ScheduleSpec.from_config(cfg), self.steps_per_epoch, self.total_steps)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.clock = Clock()
+        self.save_interval = cfg.save_every_minutes * 60 if cfg.save_every_minutes else None
+        self.last_save = time.monotonic()
+        self.last_good = None       # (path, epoch, step, batch_in_epoch) of the last checkpoint written or resumed
 
     @property
     def eval_model(self):
         return self.ema.module if self.ema is not None else self.model
 
     def save(self, best: bool = False) -> None:
-        """Main process writes last.pt (and best.pt); every process calls this together."""
-        if self.acc.is_main_process:
-            save_checkpoint(self.out / "last.pt", {**self.meta, **training_state(self)})
-            if best:
-                atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(open(self.out / "last.pt", "rb"), f))
-        self.acc.wait_for_everyone()
+        """The main process writes last.pt, then copies it to best.pt (the order dtrain.checkpoint explains);
+        every process calls this together, and every one raises an error the main process's write met
+        (a UserError) or TrainingDiverged when the weights are not finite (nothing is written then)."""
+        s = self.state
+        if not run_on_main(self.acc, lambda: self._write(best)):
+            raise self.diverged(f"the weights became NaN or infinite by step {s.step} (epoch "
+                                f"{s.epoch + (s.batch_in_epoch > 0)})")
+        self.last_good = (self.out / "last.pt", s.epoch, s.step, s.batch_in_epoch)
+        self.last_save = time.monotonic()
+
+    def _write(self, best: bool) -> bool:
+        state = training_state(self)
+        if not all_finite(state["model"], state.get("train_model"), state["optimizer"]):
+            return False
+        save_checkpoint(self.out / "last.pt", {**self.meta, **state})
+        if best:
+            atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(open(self.out / "last.pt", "rb"), f))
+        return True
+
+    def position(self, epoch: int, step: int, batch_in_epoch: int) -> str:
+        if not batch_in_epoch:
+            return f"end of epoch {epoch}, step {step}"
+        return f"epoch {epoch + 1}, batch {batch_in_epoch}/{len(self.train_loader)}, step {step}"
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The error that ends a diverged run: what happened, what is kept, what to change."""
+        self.report.end_epoch()
+        if self.last_good is None:
+            kept = "no checkpoint was saved before it, so there is nothing to resume"
+        else:
+            path, epoch, step, batch = self.last_good
+            kept = f"the last good checkpoint is {path} ({self.position(epoch, step, batch)})"
+        return TrainingDiverged(f"{what}: stopped without saving; {kept}; lower --lr, add --grad-clip, or warm up "
+                                f"(--warmup-epochs)")
+
+    def reduced_sums(self, meter: EpochMeter) -> EpochMeter:
+        """The epoch's sums over all processes (every process calls this together); a non-finite loss sum
+        is a divergence."""
+        total = meter.reduced(self.acc)
+        if not math.isfinite(total.to_list()[0]):
+            s = self.state
+            raise self.diverged(f"the training loss became NaN or infinite in epoch {s.epoch + 1} (by step "
+                                f"{s.step})")
+        return total
 
     # ---- one step ----------------------------------------------------------------------------------
     def train_step(self, x, y, sync: bool):
@@ -256,20 +307,29 @@ class Trainer:
             self.ema.update_parameters(self.raw, (self.state.step + 1) / self.total_steps)
         self.state.step += 1
 
-    def end_accumulation(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float) -> int:
+    def end_accumulation(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float):
         """The optimiser step after the last micro-batch of an accumulation, its timing and log line;
-        returns the stop signal asked for (0 for none)."""
+        returns what all processes agree on (preempt.Agreement: a stop signal, a timed save), or raises
+        TrainingDiverged when the loss a log step reads is not finite on any process."""
         s = self.state
         self.optimizer_step()
         s.batch_in_epoch = b + 1
         if self.clock.first_step_seconds is None:  # one synchronisation per run, to time the warm-up
             self._sync()
             self.clock.first_step_done(batch_started)
+        loss_value = None
         if s.step % self.cfg.log_every == 0 or s.batch_in_epoch == nb:
-            self.report.step(s.step, {"loss": loss.item(), "lr": self.schedule.lr, "batch": b + 1,
+            loss_value = loss.item()
+            self.report.step(s.step, {"loss": loss_value, "lr": self.schedule.lr, "batch": b + 1,
                                       "epoch": epoch + 1,
                                       "images_per_second": self.clock.images_per_second(self.acc.num_processes)})
-        return self.stop.requested()
+        save_due = (self.save_interval is not None and self.acc.is_main_process
+                    and time.monotonic() - self.last_save >= self.save_interval)
+        agreed = self.stop.agree(diverged=loss_value is not None and not math.isfinite(loss_value),
+                                 save_due=save_due)
+        if agreed.diverged:
+            raise self.diverged(f"the training loss became NaN or infinite at step {s.step} (epoch {epoch + 1})")
+        return agreed
 
     @torch.no_grad()
     def warm_up_eval(self) -> None:
@@ -293,15 +353,20 @@ class Trainer:
     def fit(self) -> dict:
         s = self.state
         self.clock = Clock()
+        self.last_save = time.monotonic()
         stopped_by, last_eval = 0, None
         if self.compiled:
             self.warm_up_eval()
-        while s.epoch < self.cfg.epochs and s.step < self.total_steps:
-            stopped_by = self.train_epoch()
-            if stopped_by:
-                self.leave_on_signal(stopped_by)
-                break
-            last_eval = self.end_epoch()
+        try:
+            while s.epoch < self.cfg.epochs and s.step < self.total_steps:
+                stopped_by = self.train_epoch()
+                if stopped_by:
+                    self.leave_on_signal(stopped_by)
+                    break
+                last_eval = self.end_epoch()
+        except TrainingDiverged:
+            self.acc.end_training()  # every process stops at this point: they leave the process group together
+            raise
         elapsed = self.clock.elapsed()
         summary = {"steps": s.step, "epochs": s.epoch, "best_acc": s.best_acc, "stopped_by_signal": stopped_by,
                    "train_seconds": elapsed, "first_step_seconds": self.clock.first_step_seconds,
@@ -317,7 +382,7 @@ class Trainer:
         self.report.begin_epoch(epoch + 1, cfg.epochs, nb, s.batch_in_epoch)
         self.model.train()
         meter = s.meter.to(self.acc.device)
-        stopped_by, t0 = 0, time.perf_counter()
+        stopped_by, seconds_before, t0 = 0, s.epoch_seconds, time.perf_counter()
         self.clock.new_window()
         for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
             batch_started = time.perf_counter()
@@ -327,17 +392,27 @@ class Trainer:
             meter.add(loss, correct, len(y))
             self.clock.window_images += len(y)
             if sync:
-                stopped_by = self.end_accumulation(epoch, b, nb, loss, batch_started)
+                agreed = self.end_accumulation(epoch, b, nb, loss, batch_started)
+                stopped_by = agreed.signum
                 if stopped_by or s.step >= self.total_steps:
                     break
-        s.epoch_seconds += time.perf_counter() - t0
+                if agreed.save_due and s.batch_in_epoch < nb:
+                    self.save_mid_epoch(meter, seconds_before + time.perf_counter() - t0)
+        s.epoch_seconds = seconds_before + time.perf_counter() - t0
         s.meter = meter
         return stopped_by
+
+    def save_mid_epoch(self, meter: EpochMeter, epoch_seconds: float) -> None:
+        """The timed save of --save-every-minutes, at a step boundary; training goes on (train_epoch puts
+        this process's own sums back at the epoch's end)."""
+        s = self.state
+        s.meter, s.epoch_seconds = self.reduced_sums(meter), epoch_seconds
+        self.save()
 
     def leave_on_signal(self, signal: int) -> None:
         """Save the position mid-epoch; --resume auto continues there."""
         s = self.state
-        s.meter = s.meter.reduced(self.acc)
+        s.meter = self.reduced_sums(s.meter)
         self.report.end_epoch()
         self.save()
         self.report.message(f"stopped by signal {signal} at step {s.step} (epoch {s.epoch + 1}, batch "
@@ -347,7 +422,7 @@ class Trainer:
     def end_epoch(self) -> Evaluation | None:
         cfg, s = self.cfg, self.state
         epoch, finished = s.epoch, s.batch_in_epoch >= len(self.train_loader)
-        total = s.meter.reduced(self.acc)
+        total = self.reduced_sums(s.meter)
         last = s.epoch + 1 >= cfg.epochs or s.step >= self.total_steps
         ev = None
         t_eval = time.perf_counter()
@@ -364,7 +439,7 @@ class Trainer:
         self.schedule.end_epoch(row)
         best = ev is not None and (s.best_acc is None or ev.acc > s.best_acc)
         if best:
-            s.best_acc = ev.acc
+            s.best_acc, s.best_step = ev.acc, s.step
         self.report.epoch(row, ev)
         if finished:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0

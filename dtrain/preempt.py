@@ -1,8 +1,10 @@
 """Stop requests: SIGUSR1 (Slurm's warning before a time limit or preemption), SIGTERM and Ctrl-C (SIGINT).
 
-The handler only records the signal; the training loop asks `requested()` at each step boundary, where
-all processes agree (an all-reduce over a CPU group, so no GPU synchronisation), then saves and exits.
-Once `requested()` has reported a stop, every further stop signal is ignored: the save and the exit are
+The handler only records the signal; the training loop calls `agree()` at each step boundary, where all
+processes agree (one all-reduce over a CPU group, so no GPU synchronisation) on the signal and on two more
+flags the loop raises: the loss diverged on some process, and a timed save is due (the main process's
+clock); then it saves and exits, stops with an error, or saves and goes on.
+Once `agree()` has reported a stop, every further stop signal is ignored: the save and the exit are
 not cut short. Before that, a second Ctrl-C aborts at once (writes are atomic: a checkpoint being written
 is left as it was). Under a
 torchrun/accelerate agent, which forwards the SIGINT it gets from the terminal to its workers, a worker
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,13 @@ def ignore_stop_signals(*_) -> None:
     training process, which shuts its helpers down itself."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+class Agreement(NamedTuple):
+    """What every process learns at a step boundary."""
+    signum: int        # the stop signal any process received (0: none)
+    diverged: bool     # some process saw a non-finite loss
+    save_due: bool     # a process (the main one) asks for a save now
 
 
 class StopSignal:
@@ -57,17 +67,23 @@ class StopSignal:
             self.signum = signum
 
     def requested(self) -> int:
-        """The signal number any process received (0: none). Every process must call this together; once it
-        returns a signal the caller saves and stops, and stop signals are ignored from then on."""
-        signum = self.signum
+        """The signal number any process received (0: none); see `agree`."""
+        return self.agree().signum
+
+    def agree(self, diverged: bool = False, save_due: bool = False) -> Agreement:
+        """The stop signal and the flags of every process, the same on all of them. Every process must call
+        this together; once it returns a signal the caller saves and stops, and stop signals are ignored
+        from then on."""
+        values = [self.signum, int(diverged), int(save_due)]
         if self.group is not None:
-            flag = torch.tensor([signum], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            signum = int(flag.item())
+            flags = torch.tensor(values, dtype=torch.int64)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            values = flags.tolist()
+        signum = values[0]
         if signum:
             self.signum = self.signum or signum
             ignore_stop_signals()
-        return signum
+        return Agreement(signum, bool(values[1]), bool(values[2]))
 
     def uninstall(self) -> None:
         """Restore the previous handlers, unless a stop is under way (its signals stay ignored to the end)."""

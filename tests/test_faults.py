@@ -18,7 +18,7 @@ import torch
 
 from dtrain.checkpoint import atomic_write, remove_stale_temp_files
 from dtrain.errors import UserError
-from helpers import MAIN, REPO, free_port, metrics, signal_mid_run, train, write_cifar
+from helpers import MAIN, REPO, env, free_port, metrics, signal_mid_run, train, write_cifar
 
 STOP_LINE = re.compile(r"stopped by signal (\d+) at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
 FAKE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--workers", "0"]
@@ -251,3 +251,48 @@ def test_pretrained_with_a_weights_file_needs_no_hub_cache(tmp_path, monkeypatch
     assert model.fc.out_features == 3
     with pytest.raises(UserError, match="--weights FILE"):
         build_model("tv:resnet18", 3, pretrained=True)
+
+
+def test_disk_full_on_the_main_process_ends_every_process_with_the_same_line(small_fs):
+    """Only the main process writes checkpoints: its error reaches the other process, which would otherwise
+    wait for it until the collective timeout."""
+    out = small_fs / "run"
+    train([*FAKE, "--epochs", "1", "--output-dir", out])
+    before = (out / "last.pt").read_bytes()
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    with open(small_fs / "filler", "wb") as f:
+        f.write(b"\0" * (free - 256 * 1024))
+    r = train([*FAKE, "--epochs", "2", "--resume", "auto", "--output-dir", out], nproc=2, check=False, timeout=240)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and len(set(lines)) == 1, r.stderr
+    assert re.search(rf"disk full writing {re.escape(str(out))}/(last|best)\.pt", lines[0]), lines[0]
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_save_every_minutes_saves_mid_epoch_and_a_kill_9_resumes_there(tmp_path):
+    """--save-every-minutes: last.pt is written mid-epoch while training runs, so a kill -9 loses at most
+    that much work; --resume auto continues from the saved batch."""
+    out = tmp_path / "run"
+    args = [*FAKE, "--fake-size", "1280", "--batch-size", "16", "--epochs", "1", "--save-every-minutes", "0.002",
+            "--output-dir", out]
+    proc = subprocess.Popen([sys.executable, MAIN, "--no-wandb", "--no-plots", *[str(a) for a in args]], cwd=REPO,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline, saved = time.monotonic() + 180, None
+        while saved is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if (out / "last.pt").exists():
+                ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+                saved = ckpt if ckpt["batch_in_epoch"] > 0 else None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        err = proc.communicate()[1]
+    assert saved is not None, err
+    assert proc.returncode == -signal.SIGKILL, err
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["batch_in_epoch"] < 80
+    r = train([*args, "--resume", "auto"])
+    assert f"resumed from {out / 'last.pt'} at epoch 1, step {ckpt['step']}" in r.stdout, r.stdout
+    rows = metrics(out)
+    assert [(row["epoch"], row["step"], row["train_samples"]) for row in rows] == [(1, 80, 1280)]
