@@ -260,7 +260,8 @@ MAY_CHANGE = (
     # only a fresh run's start
     "pretrained", "weights",
     # logging and output
-    "save_every", "save_every_minutes", "log_every", "plots", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_name",
+    "save_every", "save_every_minutes", "log_every", "plots", "tensorboard", "wandb", "wandb_project",
+    "wandb_entity", "wandb_name",
     "wandb_mode", "wandb_group", "wandb_tags", "wandb_notes", "output_dir", "resume", "recipe", "sweep",
     "sweep_index",
 )

@@ -127,3 +127,16 @@ def test_every_table_row_has_one_cell_per_column(page):
         rows = table.splitlines()
         widths = {len(re.findall(r"(?<!\\)\|", row)) for row in rows}
         assert len(widths) == 1, f"{rel(page)}: a table's rows have different numbers of cells:\n{table}"
+
+
+def test_what_survives_what_names_a_test_for_every_row_and_each_test_exists():
+    text = (DOCS / "launching.md").read_text()
+    table = text[text.index("## What survives what"):]
+    table = table[:table.index("\n## ")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| what", "| ---"))]
+    assert len(rows) >= 9
+    for row in rows:
+        named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)", row)
+        assert named, f"no test backs this row: {row[:80]}"
+        for path, name in named:
+            assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{path}::{name} does not exist"
