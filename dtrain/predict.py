@@ -259,10 +259,8 @@ def csv_text(header: list[str], rows, terminator: str = "\n") -> str:
 def write_csv(path: Path, text: str) -> None:
     from dtrain.checkpoint import atomic_write
     from dtrain.errors import UserError
-    from dtrain.permissions import share
     try:
         atomic_write(path, lambda f: f.write(text.encode()))
-        share(path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e}") from None
 

@@ -23,7 +23,6 @@ import numpy as np
 from dtrain.checkpoint import atomic_write
 from dtrain.data import decode
 from dtrain.errors import UserError
-from dtrain.permissions import share
 
 VERSION = 1
 DIRNAME = ".dtrain-cache"
@@ -101,7 +100,6 @@ def build(cache: CacheFile, files, workers: int, progress=None) -> None:
 
     try:
         atomic_write(cache.path, write)
-        share(cache.path)
     except OSError as e:
         raise UserError(f"cannot write the image cache {cache.path}: {e}. Free some space, pass --cache-dir "
                         f"DIR (a writable folder), or --no-cache") from None
