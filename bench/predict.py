@@ -266,7 +266,7 @@ def main() -> None:
             subset_folder(folder, work / f"kaggle-e2e-{a.e2e_images}", a.e2e_images)
         e2e_n = count_pngs(e2e_dir / "test")
         common = ["--checkpoint", str(ckpt), "--data-dir", str(e2e_dir), "--output", str(work / "submission.csv"),
-                  "--batch-size", str(a.batch_size), "--cache-dir", str(work / "e2e-cache"), *a.e2e_args.split()]
+                  "--force", "--batch-size", str(a.batch_size), "--cache-dir", str(work / "e2e-cache"), *a.e2e_args.split()]
         shutil.rmtree(work / "e2e-cache", ignore_errors=True)
         tag = f"{a.e2e_nproc} process(es)"
         tag += f", batch {a.batch_size}"

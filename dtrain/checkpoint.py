@@ -209,12 +209,38 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a dtrain checkpoint (it lacks format={FORMAT!r}); train with "
                         f"dtrain/main.py to make one")
-    if ckpt.get("version", 0) > VERSION:
-        raise UserError(f"checkpoint {path} was written by a newer dtrain (format version {ckpt['version']}); "
+    return check_model_meta(ckpt, path)
+
+
+def _number_list(n: int):
+    return lambda v: isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) for x in v)
+
+
+def check_model_meta(ckpt: dict, path) -> dict:
+    """The checkpoint (a .pt's dict or an exported file's metadata and weights) if its version is readable and
+    what inference needs is there with the right types; else a UserError naming the file and the entry."""
+    version = ckpt.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{path} has a damaged format version ({version!r}): it is not a file dtrain wrote")
+    if version > VERSION:
+        raise UserError(f"checkpoint {path} was written by a newer dtrain (format version {version}); "
                         f"upgrade dtrain to read it")
     missing = [k for k in MODEL_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    rules = {"arch": lambda v: isinstance(v, str), "arch_args": lambda v: isinstance(v, dict),
+             "num_classes": count, "in_channels": count, "image_size": count,
+             "classes": lambda v: isinstance(v, list) and len(v) == ckpt["num_classes"]
+             and all(isinstance(c, str) for c in v),
+             "mean": _number_list(ckpt["in_channels"]), "std": _number_list(ckpt["in_channels"]),
+             "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())}
+    bad = [key for key, ok in rules.items() if not ok(ckpt[key])]
+    if not isinstance(ckpt.get("config", {}), dict):
+        bad.append("config")
+    if bad:
+        raise UserError(f"checkpoint {path} is damaged: its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not "
+                        f"what dtrain writes there")
     return ckpt
 
 

@@ -207,6 +207,10 @@ def _base_type(tp):
     return tp, False
 
 
+def is_list_setting(name: str) -> bool:
+    return _base_type(FIELDS[name].type)[1]
+
+
 def _parse_bool(name, value):
     if isinstance(value, bool):
         return value
@@ -268,7 +272,7 @@ def load_recipe(name: str) -> dict:
     else:
         try:
             data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"recipe {path} is not valid TOML: {e}") from None
         data.pop("description", None)
         if "sweep" in data or "sweep_index" in data:

@@ -174,18 +174,24 @@ def broadcast(accelerator: Accelerator, value):
 
 
 def _main_only(accelerator: Accelerator, fn):
-    """fn() on the main process (None elsewhere); a UserError it raises is raised on every process,
-    rather than leaving the others waiting forever at their next collective."""
+    """fn() on the main process (None elsewhere). An error it raises is raised on every process, rather than
+    leaving the others waiting at their next collective: a UserError as itself, anything else as the main
+    process's original exception there and a RuntimeError naming it elsewhere."""
     from dtrain.errors import UserError
-    result, error = None, None
+    result, error, failure = None, None, None
     if accelerator.is_main_process:
         try:
             result = fn()
         except UserError as e:
-            error = str(e)
+            error = ("user", str(e))
+        except Exception as e:
+            error, failure = ("other", f"{type(e).__name__}: {e}"), e
     error = broadcast(accelerator, error)
+    if failure is not None:
+        raise failure
     if error is not None:
-        raise UserError(error)
+        kind, message = error
+        raise UserError(message) if kind == "user" else RuntimeError(f"the main process failed: {message}")
     return result
 
 
@@ -198,6 +204,19 @@ def on_main_first(accelerator: Accelerator, fn):
 def run_on_main(accelerator: Accelerator, fn):
     """fn() on the main process only; its (picklable) result, or its UserError, on every process."""
     return broadcast(accelerator, _main_only(accelerator, fn))
+
+
+def on_every_process(accelerator: Accelerator, fn):
+    """fn() on every process; a UserError raised on any of them is raised on all (none waits for the others)."""
+    from dtrain.errors import UserError
+    try:
+        result, error = fn(), None
+    except UserError as e:
+        result, error = None, str(e)
+    error = first_error(accelerator, error)
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def first_error(accelerator: Accelerator, error: str | None) -> str | None:

@@ -2,7 +2,7 @@
 
 Exit codes: 0 done (also after a stop signal, with last.pt saved); 2 a UserError (a bad setting, input or
 folder; nothing trained, or the last checkpoint kept); 3 TrainingDiverged (the loss or the weights became
-NaN or infinite; the last good checkpoint kept).
+NaN or infinite; the last good checkpoint kept); 4 a lost or frozen peer process (distributed.EXIT_PEER_LOST).
 """
 import sys
 

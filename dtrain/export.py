@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dtrain.checkpoint import FORMAT, MODEL_KEYS, VERSION
+from dtrain.checkpoint import FORMAT, MODEL_KEYS, VERSION, check_model_meta
 from dtrain.errors import UserError
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
@@ -65,17 +65,15 @@ def load_safetensors(path: str | os.PathLike) -> dict:
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} holds weights without dtrain's metadata; export it with dtrain export")
-    if int(metadata.get("version", 0)) > VERSION:
-        raise UserError(f"{path} was written by a newer dtrain (format version {metadata['version']}); "
-                        f"upgrade dtrain to read it")
     missing = [k for k in META_KEYS if k not in metadata]
     if missing:
         raise UserError(f"{path} is incomplete: its metadata lacks {', '.join(missing)}")
     try:
         meta = {k: json.loads(metadata[k]) for k in META_KEYS}
+        version = json.loads(metadata.get("version", "0"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} has damaged metadata: {e}") from None
-    return {"format": FORMAT, "version": int(metadata["version"]), **meta, "model": state}
+    return check_model_meta({"format": FORMAT, "version": version, **meta, "model": state}, path)
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ if __name__ == "__main__" and sys.path[0] == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,15 @@ from dtrain.checkpoint import (atomic_write, check_resumable, data_fingerprint, 
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
-from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_main_first,
+from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_every_process, on_main_first,
                                 process_batch_sizes, run_on_main, stop_on_lost_peer)
 from dtrain.engine import Trainer, TrainParts
+from dtrain.errors import TrainingDiverged, UserError
 from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
 from dtrain.optim import OptimSpec, build_optimizer
 from dtrain.preempt import StopSignal
 from dtrain.report.build import make_reporters
-from dtrain.rundir import default_output_dir, open_output_dir
+from dtrain.rundir import default_output_dir, open_output_dir, remember_failure
 from dtrain.sweep import listing, run_name
 
 
@@ -53,13 +55,30 @@ def run_output_dir(cfg) -> Path:
     return default_output_dir(cfg.arch, name)
 
 
-def claim_output_dir(out: Path, resume: str | None) -> str | None:
-    """Main process: create the run's folder, lock it for the run's life, refuse to overwrite another run's
-    results, remove the temp files of interrupted writes. Returns the --resume setting to use."""
-    make_output_dir(out)
-    _, resume = open_output_dir(out, resume)
-    remove_stale_temp_files(out)
-    return resume
+@contextmanager
+def claimed_output_dir(acc, out: Path, resume: str | None):
+    """The run's folder, claimed by the main process for the `with` block: created, locked, checked not to
+    hold another run's results, cleared of the temp files of interrupted writes. Yields the --resume to use.
+    An error that ends the run and that a restart cannot fix is noted there for torchrun's restarts."""
+    held = []
+
+    def claim():
+        make_output_dir(out)
+        lock, use = open_output_dir(out, resume)
+        held.append(lock)
+        remove_stale_temp_files(out)
+        return use
+
+    use = run_on_main(acc, claim)
+    try:
+        yield use
+    except (UserError, TrainingDiverged) as e:
+        if held:
+            remember_failure(out, e)
+        raise
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def parse_config(argv):
@@ -152,36 +171,37 @@ def run(argv=None) -> dict | None:
     torch.manual_seed(cfg.seed)
     out = Path(broadcast(acc, str(run_output_dir(cfg))))
     cfg.output_dir = str(out)
-    cfg.resume = run_on_main(acc, lambda: claim_output_dir(out, cfg.resume))
-    resume_from, ckpt = find_resume(cfg, out)
+    with claimed_output_dir(acc, out, cfg.resume) as cfg.resume:
+        resume_from, ckpt = find_resume(cfg, out)
 
-    data = build_data(cfg, acc, batch, eval_batch, ckpt)
-    train_set = data.train_set
-    meta = model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
-                      train_set.channels, train_set.size, data.mean, data.std,
-                      data_fingerprint(cfg.dataset, train_set.labels))
-    check_resumable(ckpt, meta, resume_from)
-    model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None)
+        data = build_data(cfg, acc, batch, eval_batch, ckpt)
+        train_set = data.train_set
+        meta = model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
+                          train_set.channels, train_set.size, data.mean, data.std,
+                          data_fingerprint(cfg.dataset, train_set.labels))
+        check_resumable(ckpt, meta, resume_from)
+        model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None)
 
-    if acc.is_main_process:
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
-    reporters = make_reporters(cfg, out, None if ckpt is None else ckpt["epoch"], acc.is_main_process)
-    stop = StopSignal().install()
-    parts = TrainParts(model, raw, optimizer, data.train_loader, data.val_loader, data.train_pipe, data.eval_pipe,
-                       data.val_set.labels, meta)
-    trainer = Trainer(cfg, acc, parts, out, reporters, stop)
-    if ckpt is not None:
-        restore_training(trainer, ckpt)
-        reporters.message(f"resumed from {resume_from} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
-    elif cfg.resume == "auto":
-        reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
-    reporters.start(cfg, run_info(acc, data, raw, batch, out))
-    try:
-        summary = trainer.fit()
-    finally:
-        stop.uninstall()
-        reporters.close()
-    acc.end_training()
+        if acc.is_main_process:
+            atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+        resumed_epoch = None if ckpt is None else ckpt["epoch"]
+        reporters = on_every_process(acc, lambda: make_reporters(cfg, out, resumed_epoch, acc.is_main_process))
+        stop = StopSignal().install()
+        parts = TrainParts(model, raw, optimizer, data.train_loader, data.val_loader, data.train_pipe,
+                           data.eval_pipe, data.val_set.labels, meta)
+        trainer = Trainer(cfg, acc, parts, out, reporters, stop)
+        if ckpt is not None:
+            restore_training(trainer, ckpt)
+            reporters.message(f"resumed from {resume_from} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+        elif cfg.resume == "auto":
+            reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
+        reporters.start(cfg, run_info(acc, data, raw, batch, out))
+        try:
+            summary = trainer.fit()
+        finally:
+            stop.uninstall()
+            reporters.close()
+        acc.end_training()
     return summary
 
 

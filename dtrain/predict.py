@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=True, action=argparse.BooleanOptionalAction,
                    help="keep the decoded images in a packed cache file (built on the first run, reused after)")
     p.add_argument("--cache-dir", default=None, help="folder for the cache (default DATA_DIR/.dtrain-cache)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output CSV")
     p.add_argument("--prepare", action="store_true", help="only build the decoded-image cache, predict nothing")
     p.add_argument("--image", nargs="+", metavar="PNG", help="print the top classes of these image files")
     p.add_argument("--top-k", type=int, default=5, help="--image: how many classes to show (default 5)")
@@ -82,7 +83,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--prepare builds a data set's cache; it does not go with --image")
     if args.tta_shift is not None and (args.tta_shift < 0 or args.tta is False):
         raise UserError("--tta-shift N needs TTA (not --no-tta) and N >= 0")
+    output = output_path(args)
+    if output is not None and output.exists() and not args.force:
+        raise UserError(f"{output} exists (an earlier prediction): pass --force to replace it, or another --output")
     return args
+
+
+def output_path(args) -> Path | None:
+    """The CSV this command writes: --output, else submission.csv for the unlabelled Kaggle test set and
+    predictions.csv for labelled data; None for --image and --prepare."""
+    if args.image or args.prepare:
+        return None
+    unlabelled = args.dataset == "kaggle" and args.split == "test"
+    return Path(args.output or ("submission.csv" if unlabelled else "predictions.csv"))
 
 
 # ---- the model ----------------------------------------------------------------------------------------
@@ -382,10 +395,9 @@ def write_predictions(args, console: MainConsole, classes: list[str], imageset, 
         result = report_accuracy(console, classes, preds, targets)
         text = csv_text(["id", "label", "true_label"],
                         ([i, n, classes[t]] for i, n, t in zip(ids, names, targets.tolist())))
-        output = Path(args.output or "predictions.csv")
     else:
         text = csv_text(["id", "label"], zip(ids, names), line_terminator(kaggle_dir))
-        output = Path(args.output or "submission.csv")
+    output = output_path(args)
     write_csv(output, text)
     console.print(f"wrote {output} ({len(ids):,} rows)")
     return {**result, "output": str(output)}

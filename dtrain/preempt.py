@@ -66,10 +66,6 @@ class StopSignal:
         if not self.signum:
             self.signum = signum
 
-    def requested(self) -> int:
-        """The signal number any process received (0: none); see `agree`."""
-        return self.agree().signum
-
     def agree(self, diverged: bool = False, save_due: bool = False) -> Agreement:
         """The stop signal and the flags of every process, the same on all of them. Every process must call
         this together; once it returns a signal the caller saves and stops, and stop signals are ignored

@@ -35,12 +35,13 @@ import time
 import uuid
 from pathlib import Path
 
-from dtrain.errors import UserError
+from dtrain.errors import TrainingDiverged, UserError
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 RESULTS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")
+JOB_NAME = "run.job"  # which job (Slurm job, torchrun rendezvous) claimed the folder, and how it failed, if it did
 
 
 def default_output_dir(arch: str, name: str | None = None, env=os.environ) -> Path:
@@ -314,10 +315,49 @@ def _describe(holder: dict) -> str:
 
 def open_output_dir(out, resume: str | None, env=os.environ, say=None) -> tuple[RunLock, str | None]:
     """Lock `out` for this run and check that it may start there: the held lock (released at exit at the
-    latest) and the --resume to use. Call on the main process only, before anything is written to `out`."""
+    latest) and the --resume to use. Call on the main process only, before anything is written to `out`.
+
+    A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) continues the run in `out` only when this same job
+    claimed the folder (run.job says so): a restart of a job that was refused, or that meets another run's
+    folder, is judged like a first start. A restart of a job whose previous attempt ended with an error a
+    restart cannot fix (a UserError, a divergence) ends at once with that error."""
     lock = RunLock(out, env, say).acquire()
     try:
-        return lock, resume_for(Path(out), resume, restart_count(env))
+        job, record = _job(env), _read_job(Path(out))
+        same_job = job is not None and record.get("job") == job
+        restarts = restart_count(env) if same_job else 0
+        if restarts and record.get("failure"):
+            kind, message = record["failure"].get("kind"), record["failure"].get("message")
+            message = f"{message} (the same error ended this job's previous attempt: a restart cannot fix it)"
+            raise TrainingDiverged(message) if kind == "diverged" else UserError(message)
+        resume = resume_for(Path(out), resume, restarts)
+        if job is not None:
+            _write_job(Path(out), {"job": job, "failure": None})
+        return lock, resume
     except BaseException:
         lock.release()
         raise
+
+
+def remember_failure(out, error: BaseException, env=os.environ) -> None:
+    """Main process: note in run.job that this job ended with `error` (a UserError or a divergence), so
+    torchrun's restarts of the job stop at once instead of loading the data and failing again."""
+    job = _job(env)
+    if job is not None:
+        kind = "diverged" if isinstance(error, TrainingDiverged) else "user"
+        _write_job(Path(out), {"job": job, "failure": {"kind": kind, "message": str(error)}})
+
+
+def _read_job(out: Path) -> dict:
+    try:
+        record = json.loads((out / JOB_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_job(out: Path, record: dict) -> None:
+    try:
+        (out / JOB_NAME).write_text(json.dumps(record))
+    except OSError:
+        pass  # only a help to restarts: a folder that cannot take it fails at its next write anyway

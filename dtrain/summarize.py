@@ -159,6 +159,13 @@ def resolved_settings(config: dict) -> dict:
     return {**Config().to_dict(), **config}
 
 
+NUMBERS = ("val_acc", "val_top5", "epoch_seconds", "images_per_second", "train_samples")  # what the statistics read
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_run(path: Path) -> Run:
     try:
         config = json.loads((path / "config.json").read_text())
@@ -172,6 +179,11 @@ def read_run(path: Path) -> Run:
     epochs, max_steps = settings.get("epochs"), settings.get("max_steps")
     if not rows:
         return Run(path, settings, rows, "not finished", "no epoch finished (failed early, or still in epoch 1)")
+    if not _is_int(epochs) or not (max_steps is None or _is_int(max_steps)) or not all(
+            isinstance(r, dict) and _is_int(r.get("epoch")) and _is_int(r.get("step", 0))
+            and all(isinstance(r.get(k), (int, float, type(None))) for k in NUMBERS) for r in rows):
+        return Run(path, settings, [], "not finished", "unreadable: an epoch count or a figure in config.json or "
+                                                       "metrics.jsonl is not a number")
     last = rows[-1]
     reached = last["epoch"] >= epochs or (max_steps is not None and last.get("step", 0) >= max_steps)
     if reached and last.get("val_acc") is not None:

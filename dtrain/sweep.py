@@ -23,7 +23,7 @@ NOT_SWEPT = ("sweep", "sweep_index")
 
 def parse_sweep(spec: list[str]) -> list[tuple[str, list]]:
     """['lr=0.1,0.2', 'seed=0,1'] -> [('lr', [0.1, 0.2]), ('seed', [0, 1])], each value of its field's type."""
-    from dtrain.config import FIELDS, parse_value
+    from dtrain.config import FIELDS, is_list_setting, parse_value
     axes, seen = [], set()
     for item in spec:
         key, sep, values = item.partition("=")
@@ -35,6 +35,9 @@ def parse_sweep(spec: list[str]) -> list[tuple[str, list]]:
         if key in seen:
             raise UserError(f"--sweep {item!r}: {key} is swept twice; give all its values in one --sweep")
         seen.add(key)
+        if is_list_setting(key):
+            raise UserError(f"--sweep {item!r}: {key} is a list setting, whose values a comma cannot separate; "
+                            f"sweep recipes that set it instead (--sweep recipe=a.toml,b.toml)")
         try:
             axes.append((key, [parse_value(key, v) for v in values.split(",")]))
         except UserError as e:

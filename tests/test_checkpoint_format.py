@@ -29,6 +29,17 @@ def test_meta_holds_what_inference_needs_and_version_is_checked(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("key, value", [("version", "2"), ("arch", None), ("classes", None), ("classes", ["a"]),
+                                        ("mean", [0.5]), ("std", "x"), ("num_classes", "2"), ("config", None),
+                                        ("model", {"w": 1})])
+def test_a_crafted_checkpoint_is_one_clear_error_naming_the_entry(tmp_path, key, value):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {**meta(), "model": {"w": torch.ones(2)}})
+    torch.save({**torch.load(path, weights_only=True), key: value}, path)
+    with pytest.raises(UserError, match=f"{path}.*{key}"):
+        load_checkpoint(path)
+
+
 def test_epoch_meter_sums_and_round_trips():
     m = EpochMeter()
     m.add(torch.tensor(0.5), torch.tensor(3), 4)

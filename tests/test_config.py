@@ -43,6 +43,9 @@ def test_recipe_file_and_its_errors(tmp_path):
         build_config(["--recipe", str(f)])
     with pytest.raises(UserError, match="seed-resnet18"):
         build_config(["--recipe", "no-such-recipe"])
+    f.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match="not valid TOML"):
+        build_config(["--recipe", str(f)])
     f.write_text('arch = "cnn"\nsweep = ["seed=0,1"]\n')
     with pytest.raises(UserError, match="belong on the command line"):
         build_config(["--recipe", str(f)])

@@ -133,6 +133,14 @@ def test_labelled_cifar10_split_prints_accuracy_and_writes_predictions(checkpoin
     assert [t for _, _, t in table[1:]] == [CLASSES[v] for v in y[20:]]
     correct = sum(p == t for _, p, t in table[1:])
     assert f"({correct:,} of 20)" in r.stdout
+    # an earlier prediction is not replaced unless asked
+    again = ["--checkpoint", checkpoint, "--dataset", "cifar10", "--data-dir", tmp_path / "cifar", "--output",
+             tmp_path / "pred.csv"]
+    before = (tmp_path / "pred.csv").read_bytes()
+    r = launch(PREDICT, again, check=False)
+    assert r.returncode == 2 and "pred.csv exists" in r.stderr and "--force" in r.stderr
+    assert (tmp_path / "pred.csv").read_bytes() == before
+    assert launch(PREDICT, [*again, "--force"]).returncode == 0
 
 
 def test_single_images_top5_grey_and_rgba(checkpoint, tmp_path):

@@ -104,3 +104,35 @@ def test_torchrun_sh_recovers_from_a_lost_worker_every_time(tmp_path):
     assert len(resumed) == ROUNDS, text
     assert all(e > done for e, (_, done) in zip(resumed, killed)), (resumed, killed, text)
     assert text.count("Gloo connectFullMesh failed") == 0, text
+
+
+def torchrun_sh(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "launch/torchrun.sh", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env(GPUS_PER_NODE=1))
+
+
+SMALL = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb", "--no-plots"]
+
+
+def test_a_restart_does_not_continue_another_runs_folder(tmp_path):
+    """A new job under launch/torchrun.sh into a finished run's folder is refused on every attempt: its
+    restarts (TORCHELASTIC_RESTART_COUNT > 0) do not count as continuing that run."""
+    out = tmp_path / "run"
+    r = subprocess.run(["python", "dtrain/main.py", *SMALL, "--epochs", "1", "--output-dir", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=env())
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = torchrun_sh([*SMALL, "--epochs", "3", "--output-dir", out])
+    assert r.returncode != 0
+    assert r.stderr.count("holds an earlier run") == 4, r.stderr   # the first attempt and its 3 restarts
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_error_a_restart_cannot_fix_ends_the_restarts_at_once(tmp_path):
+    """A divergence trains once: the restarts that torchrun makes of the job stop before loading any data."""
+    out = tmp_path / "run"
+    r = torchrun_sh([*SMALL, "--fake-size", "256", "--epochs", "3", "--lr", "1e4", "--output-dir", out])
+    assert r.returncode != 0
+    assert r.stderr.count("became NaN or infinite") == 4, r.stderr
+    assert r.stderr.count("a restart cannot fix it") == 3, r.stderr
+    assert r.stdout.count("dtrain cnn on fake") == 1, r.stdout          # one attempt read data and trained

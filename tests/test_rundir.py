@@ -317,3 +317,14 @@ def test_default_output_dir_is_one_folder_for_every_process_and_restart_of_a_tor
     env = {"TORCHELASTIC_RUN_ID": "3f2a9c1b-77", "TORCHELASTIC_RESTART_COUNT": "2"}
     assert default_output_dir("cnn", env=env) == Path("runs/cnn-3f2a9c1b")
     assert default_output_dir("cnn", "cnn-lr0.1-seed1", env=env) == Path("runs/cnn-lr0.1-seed1")
+
+
+def test_the_lock_is_released_when_the_run_ends(tmp_path):
+    """In one process (a notebook, a script calling dtrain.main.run): the run's folder is free once it returns."""
+    from dtrain.main import run
+    out = tmp_path / "run"
+    small = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb",
+             "--no-plots", "--output-dir", str(out)]
+    run([*small, "--epochs", "1"])
+    assert not (out / "run.lock").exists()
+    assert run([*small, "--epochs", "2", "--resume", "auto"])["epochs"] == 2

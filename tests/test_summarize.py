@@ -126,6 +126,18 @@ def test_a_cut_line_ends_the_rows_and_the_run_is_not_finished(real_run, tmp_path
     assert "ended at epoch 1 of 2" in r.stdout
 
 
+def test_hand_edited_files_are_reported_apart_not_a_crash(real_run, tmp_path):
+    make_run(tmp_path / "runs", "good", real_run, [0.3, 0.4])
+    make_run(tmp_path / "runs", "bad-epochs", real_run, [0.3, 0.4], epochs="x")
+    d = make_run(tmp_path / "runs", "bad-row", real_run, [0.3, 0.5])
+    (d / "metrics.jsonl").write_text((d / "metrics.jsonl").read_text().replace('"epoch": 2', '"epoch": null'))
+    r = summarize([tmp_path / "runs"], tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert sum(int(row["n"]) for row in rows) == 1 and sum(int(row["not_finished"]) for row in rows) == 2
+    assert r.stdout.count("unreadable") == 2
+
+
 def test_errors_are_one_line(tmp_path):
     r = summarize([tmp_path / "missing"], tmp_path / "out")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr

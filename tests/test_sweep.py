@@ -61,6 +61,14 @@ def test_a_slurm_array_task_is_its_combination_in_the_jobs_folder_and_group(monk
         build_config(GRID)
 
 
+def test_recipes_can_be_swept(tmp_path):
+    for name, epochs in (("a", 1), ("b", 2)):
+        (tmp_path / f"{name}.toml").write_text(f"epochs = {epochs}\nmilestones = [{epochs}, 5]\n")
+    grid = f"recipe={tmp_path / 'a.toml'},{tmp_path / 'b.toml'}"
+    c = build_config(["--arch", "cnn", "--sweep", grid, "--sweep-index", "1"])
+    assert (c.epochs, c.milestones) == (2, [2, 5])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sweep", "learning_rate=0.1,0.2", "--sweep-index", "0"], "'learning_rate' is not a setting"),
     (["--sweep", "lr=0.1,fast", "--sweep-index", "0"], "lr must be of type float, not 'fast'"),
@@ -74,6 +82,7 @@ def test_a_slurm_array_task_is_its_combination_in_the_jobs_folder_and_group(monk
     (["--sweep", "seed=0,1"], "--sweep-index N"),
     (["--sweep-index", "0"], "--sweep-index needs a grid"),
     (["--sweep", "seed=0,1", "--sweep-index", "0", "--seed", "3"], "--seed is given and also swept"),
+    (["--sweep", "milestones=3,5", "--sweep-index", "0"], "milestones is a list setting"),
 ])
 def test_sweep_mistakes_are_user_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
