@@ -66,8 +66,8 @@ def test_checkpoints_are_loaded_with_weights_only(tmp_path):
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    state = {k: 0 for k in ("arch", "arch_args", "num_classes", "in_channels", "image_size", "classes", "mean",
-                            "std", "model")}
+    state = {"arch": "cnn", "arch_args": {}, "num_classes": 1, "in_channels": 1, "image_size": 8, "classes": ["a"],
+             "mean": [0.5], "std": [0.5], "model": {"w": torch.ones(2)}}
     save_checkpoint(path, {**state, "step": 1})
 
     def dies_half_way(obj, f, *a, **k):

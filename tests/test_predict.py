@@ -97,7 +97,7 @@ def test_corrupt_png_fails_naming_it_and_leaves_no_csv(checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sub.csv").write_text("previous submission\n")
-    r = predict(["--checkpoint", checkpoint, "--data-dir", root, "--output", out / "sub.csv"], check=False)
+    r = predict(["--checkpoint", checkpoint, "--data-dir", root, "--output", out / "sub.csv", "--force"], check=False)
     assert r.returncode != 0
     assert "5.png" in r.stderr and "23.png" in r.stderr and "Traceback" not in r.stderr
     assert (out / "sub.csv").read_text() == "previous submission\n"           # not clobbered

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.checkpoint import (CHECKED_BY_RESULT, MAY_CHANGE, MODEL_KEYS, SAME_ALWAYS, SAME_MID_EPOCH,
+from dtrain.checkpoint import (CHECKED_BY_RESULT, MAY_CHANGE, SAME_ALWAYS, SAME_MID_EPOCH,
                                save_checkpoint)
 from dtrain.config import Config
 from dtrain.main import main
@@ -147,7 +147,8 @@ def test_a_file_that_is_no_training_checkpoint_is_one_line(tmp_path, capsys, con
         torch.save({"state_dict": {"w": torch.ones(2)}}, path)
         expected = "is not a dtrain checkpoint"
     elif content == "weights":  # inference metadata and weights, no optimiser or position
-        save_checkpoint(path, {k: 0 for k in MODEL_KEYS})
+        save_checkpoint(path, {"arch": "cnn", "arch_args": {}, "num_classes": 1, "in_channels": 1, "image_size": 8,
+                               "classes": ["a"], "mean": [0.5], "std": [0.5], "model": {}})
         expected = "holds weights but no training position"
     else:
         path.write_bytes(content)

@@ -276,12 +276,19 @@ def test_resume_auto_without_last_pt_keeps_best_pt_and_metrics(earlier):
     assert files(earlier) == before
 
 
-def test_torchrun_restart_continues_the_run(earlier):
-    first = metrics(earlier)
-    r = train([*RUN, "--epochs", "2", "--output-dir", earlier], extra_env={"TORCHELASTIC_RESTART_COUNT": 1})
+def test_torchrun_restart_continues_the_run(tmp_path):
+    """A restart of the job that claimed the folder continues it; another job's restart is refused."""
+    out = tmp_path / "run"
+    train([*RUN, "--epochs", "1", "--output-dir", out], extra_env={"TORCHELASTIC_RUN_ID": "job-a"})
+    first = metrics(out)
+    r = train([*RUN, "--epochs", "2", "--output-dir", out],
+              extra_env={"TORCHELASTIC_RUN_ID": "job-a", "TORCHELASTIC_RESTART_COUNT": 1})
     assert "resumed from" in r.stdout
-    rows = metrics(earlier)
+    rows = metrics(out)
     assert [row["epoch"] for row in rows] == [1, 2] and rows[0] == first[0]
+    r = train([*RUN, "--epochs", "3", "--output-dir", out], check=False,
+              extra_env={"TORCHELASTIC_RUN_ID": "job-b", "TORCHELASTIC_RESTART_COUNT": 1})
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr and metrics(out) == rows
 
 
 def test_resume_decisions(tmp_path):
