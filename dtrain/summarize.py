@@ -34,8 +34,8 @@ from dtrain.errors import UserError
 
 # Settings that do not change what is trained: the seed, where the output goes, how it is logged, and how
 # the data is fetched. Any wandb_* field and the sweep's own fields are ignored as well.
-IGNORED = {"seed", "output_dir", "resume", "save_every", "log_every", "plots", "tensorboard", "recipe",
-           "workers", "cache_dir", "download", "sweep", "sweep_index", "sweep_list"}
+IGNORED = {"seed", "output_dir", "resume", "save_every", "save_every_minutes", "dist_timeout", "log_every", "plots",
+           "tensorboard", "recipe", "workers", "cache_dir", "download", "sweep", "sweep_index", "sweep_list"}
 
 CSV_COLUMNS = ["group", "n", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
                "train_seconds_mean", "final_acc_min", "final_acc_max", "best_acc_min", "best_acc_max",
@@ -159,7 +159,7 @@ def resolved_settings(config: dict) -> dict:
     return {**Config().to_dict(), **config}
 
 
-NUMBERS = ("val_acc", "val_top5", "epoch_seconds", "images_per_second", "train_samples")  # what the statistics read
+NUMBERS = ("val_acc", "val_top5", "epoch_seconds", "images_per_second", "train_samples")  # what statistics read
 
 
 def _is_int(value) -> bool:
