@@ -34,8 +34,8 @@ from dtrain.errors import UserError
 
 # Settings that do not change what is trained: the seed, where the output goes, how it is logged, and how
 # the data is fetched. Any wandb_* field and the sweep's own fields are ignored as well.
-IGNORED = {"seed", "output_dir", "resume", "save_every", "save_every_minutes", "dist_timeout", "log_every", "plots",
-           "tensorboard", "recipe", "workers", "cache_dir", "download", "sweep", "sweep_index", "sweep_list"}
+IGNORED = {"seed", "output_dir", "resume", "save_every", "save_every_minutes", "dist_timeout", "log_every",
+           "plots", "tensorboard", "recipe", "workers", "cache_dir", "download", "sweep", "sweep_index", "sweep_list"}
 
 CSV_COLUMNS = ["group", "n", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
                "train_seconds_mean", "final_acc_min", "final_acc_max", "best_acc_min", "best_acc_max",
