@@ -138,19 +138,10 @@ def _is_run_config(path: Path) -> bool:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """metrics.jsonl's rows; a line cut short by a kill ends the list."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if isinstance(row, dict) and "epoch" in row:
-                rows.append(row)
-    return rows
+    """metrics.jsonl's epoch rows (report.metrics.read_metrics: a line cut short by a kill at the end is
+    left out; a line damaged elsewhere is a UserError naming it)."""
+    from dtrain.report.metrics import read_metrics  # behind it the checkpoint module and torch: load on use
+    return [row for row in read_metrics(path) if isinstance(row, dict) and "epoch" in row]
 
 
 def resolved_settings(config: dict) -> dict:
@@ -175,7 +166,10 @@ def read_run(path: Path) -> Run:
     if not isinstance(config, dict) or "arch" not in config:
         raise UserError(f"{path / 'config.json'} is not a dtrain run configuration")
     settings = resolved_settings(config)
-    rows = read_rows(path / "metrics.jsonl")
+    try:
+        rows = read_rows(path / "metrics.jsonl")
+    except UserError as e:
+        return Run(path, settings, [], "not finished", f"unreadable: {e}")
     epochs, max_steps = settings.get("epochs"), settings.get("max_steps")
     if not rows:
         return Run(path, settings, rows, "not finished", "no epoch finished (failed early, or still in epoch 1)")

@@ -131,11 +131,14 @@ def test_hand_edited_files_are_reported_apart_not_a_crash(real_run, tmp_path):
     make_run(tmp_path / "runs", "bad-epochs", real_run, [0.3, 0.4], epochs="x")
     d = make_run(tmp_path / "runs", "bad-row", real_run, [0.3, 0.5])
     (d / "metrics.jsonl").write_text((d / "metrics.jsonl").read_text().replace('"epoch": 2', '"epoch": null'))
+    d = make_run(tmp_path / "runs", "bad-line", real_run, [0.3, 0.6])
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    (d / "metrics.jsonl").write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
     r = summarize([tmp_path / "runs"], tmp_path / "out")
     assert r.returncode == 0, r.stderr
     rows = read_csv(tmp_path / "out" / "summary.csv")
-    assert sum(int(row["n"]) for row in rows) == 1 and sum(int(row["not_finished"]) for row in rows) == 2
-    assert r.stdout.count("unreadable") == 2
+    assert sum(int(row["n"]) for row in rows) == 1 and sum(int(row["not_finished"]) for row in rows) == 3
+    assert r.stdout.count("unreadable") == 3 and "line 2 is not JSON" in r.stdout
 
 
 def test_errors_are_one_line(tmp_path):
