@@ -62,19 +62,20 @@ _LOW_SPACE = 1 << 20
 _UNREADABLE = (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError)
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
+def atomic_write(path: str | os.PathLike, write, remedy: str = "use another --output-dir") -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`.
 
     A kill at any moment leaves either the old file or the new one, never a half-written one. The file gets
     the mode an ordinary new file would (0666 less the umask). A full disk, a read-only folder or a file in
-    the way of the folder is a UserError naming the path (the old file is kept).
+    the way of the folder is a UserError naming the path and ending with `remedy`, what the user can do
+    (the old file is kept).
     """
     path = Path(path)
-    make_output_dir(path.parent)
+    make_output_dir(path.parent, remedy)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise _write_error(path, e, remedy) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -86,24 +87,23 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         full = _disk_full(e, path.parent)
         Path(tmp).unlink(missing_ok=True)
         if full:
-            raise UserError(f"disk full writing {path}: free space on {_mount_point(path.parent)} or use "
-                            f"another --output-dir") from None
+            raise _disk_full_error(path, remedy) from None
         if isinstance(e, OSError):
-            raise _write_error(path, e) from None
+            raise _write_error(path, e, remedy) from None
         raise
 
 
-def make_output_dir(folder: str | os.PathLike) -> Path:
+def make_output_dir(folder: str | os.PathLike, remedy: str = "use another --output-dir") -> Path:
     """Create `folder` (and its parents) and return it; a file in the way or a read-only place is a
-    UserError."""
+    UserError ending with `remedy`."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _write_error(folder, e) from None
+        raise _write_error(folder, e, remedy) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {folder}: the folder is read-only (for this user); make it writable "
-                        f"or use another --output-dir")
+                        f"or {remedy}")
     return folder
 
 
@@ -151,18 +151,20 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
-def _write_error(path: Path, e: OSError) -> UserError:
+def _disk_full_error(path: Path, remedy: str) -> UserError:
+    return UserError(f"disk full writing {path}: free space on {_mount_point(path.parent)} or {remedy}")
+
+
+def _write_error(path: Path, e: OSError, remedy: str) -> UserError:
     if e.errno in _DISK_FULL:
-        return UserError(f"disk full writing {path}: free space on {_mount_point(path.parent)} or use another "
-                         f"--output-dir")
+        return _disk_full_error(path, remedy)
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return UserError(f"cannot write {path}: {e.strerror.lower()} (the folder is read-only for this user); "
-                         f"make it writable or use another --output-dir")
+                         f"make it writable or {remedy}")
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
-        return UserError(f"cannot write {path}: {blocker} is a file, not a folder; move it or use another "
-                         f"--output-dir")
-    return UserError(f"cannot write {path}: {e.strerror or e}; check the folder or use another --output-dir")
+        return UserError(f"cannot write {path}: {blocker} is a file, not a folder; move it or {remedy}")
+    return UserError(f"cannot write {path}: {e.strerror or e}; check the folder or {remedy}")
 
 
 def all_finite(*states) -> bool:

@@ -179,7 +179,7 @@ def run(argv=None) -> dict:
     try:
         if args.format == "safetensors":
             data = safetensors_bytes(ckpt)
-            atomic_write(path, lambda f: f.write(data))
+            atomic_write(path, lambda f: f.write(data), remedy="pass another --output")
             print(f"wrote {path} ({len(data) / 2**20:,.1f} MiB): {ckpt['arch']} weights with dtrain's metadata; "
                   f"dtrain predict --checkpoint {path} uses it like {args.checkpoint}")
         else:

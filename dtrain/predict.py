@@ -271,11 +271,7 @@ def csv_text(header: list[str], rows, terminator: str = "\n") -> str:
 
 def write_csv(path: Path, text: str) -> None:
     from dtrain.checkpoint import atomic_write
-    from dtrain.errors import UserError
-    try:
-        atomic_write(path, lambda f: f.write(text.encode()))
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e}") from None
+    atomic_write(path, lambda f: f.write(text.encode()), remedy="pass another --output")
 
 
 def _row_ids(imageset, data_dir: str) -> list:

@@ -330,17 +330,19 @@ def print_table(groups: list[Group], console) -> None:
             console.print(f"[yellow]not finished[/]: {run.path} ({g.name}): {run.reason}; not in the statistics")
 
 
+OUT_REMEDY = "pass --out DIR with a writable folder"
+
+
 def write_outputs(groups: list[Group], out: Path) -> tuple[Path, Path]:
     from dtrain.checkpoint import atomic_write
     csv_path, png_path = out / "summary.csv", out / "summary.png"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(csv_path, lambda f: f.write(csv_text(groups).encode()))
+        atomic_write(csv_path, lambda f: f.write(csv_text(groups).encode()), remedy=OUT_REMEDY)
         png = render(groups)
-        atomic_write(png_path, lambda f: f.write(png))
+        atomic_write(png_path, lambda f: f.write(png), remedy=OUT_REMEDY)
     except OSError as e:
-        raise UserError(f"cannot write the summary to {out}: {e.strerror or e}; pass --out DIR with a "
-                        f"writable folder") from None
+        raise UserError(f"cannot write the summary to {out}: {e.strerror or e}; {OUT_REMEDY}") from None
     return csv_path, png_path
 
 

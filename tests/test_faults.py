@@ -296,3 +296,12 @@ def test_save_every_minutes_saves_mid_epoch_and_a_kill_9_resumes_there(tmp_path)
     assert f"resumed from {out / 'last.pt'} at epoch 1, step {ckpt['step']}" in r.stdout, r.stdout
     rows = metrics(out)
     assert [(row["epoch"], row["step"], row["train_samples"]) for row in rows] == [(1, 80, 1280)]
+
+
+def test_a_write_error_ends_with_the_callers_way_out(tmp_path):
+    """predict, the image cache, summarize and export say what to pass instead, not --output-dir."""
+    (tmp_path / "f").write_text("a file where a folder should be")
+    with pytest.raises(UserError, match=r"f is a file, not a folder; move it or pass another --output$"):
+        atomic_write(tmp_path / "f" / "sub.csv", lambda f: f.write(b"x"), remedy="pass another --output")
+    with pytest.raises(UserError, match=r"move it or use another --output-dir$"):
+        atomic_write(tmp_path / "f" / "last.pt", lambda f: f.write(b"x"))

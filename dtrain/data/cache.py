@@ -98,11 +98,7 @@ def build(cache: CacheFile, files, workers: int, progress=None) -> None:
         for chunk in decode.decode_chunks(files, size, channels, workers, progress):
             f.write(np.ascontiguousarray(chunk).data)
 
-    try:
-        atomic_write(cache.path, write)
-    except OSError as e:
-        raise UserError(f"cannot write the image cache {cache.path}: {e}. Free some space, pass --cache-dir "
-                        f"DIR (a writable folder), or --no-cache") from None
+    atomic_write(cache.path, write, remedy="pass --cache-dir DIR (a writable folder), or --no-cache")
     for old in cache.path.parent.glob(f"{cache.prefix}*.npy"):  # stale versions of this folder's cache
         if old != cache.path:
             old.unlink(missing_ok=True)
