@@ -103,7 +103,8 @@ def stop_on_lost_peer():
         message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world, _timeout["seconds"])
         if world < 2 or message is None:
             raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {message}\n")  # one write: lines of several processes stay apart
+        sys.stderr.flush()
         sys.exit(EXIT_PEER_LOST)
 
 

@@ -31,5 +31,7 @@ def run_cli(run, argv=None) -> None:
         message, status = "interrupted", EXIT_USER_ERROR
     else:
         return
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # one write: a job's processes share stderr, and a newline written apart lets their lines run together
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     sys.exit(status)
