@@ -7,6 +7,8 @@ with DDP tuned for speed; models and recipes never see these settings.
 A process that waits longer than the collective timeout (`--dist-timeout`) for the others gets an error
 from torch; `stop_on_lost_peer` turns it into one line naming the rank that stopped answering and exit
 status EXIT_PEER_LOST, so a frozen or lost peer ends the job instead of leaving the others waiting.
+`leaving_gloo_groups` destroys the gloo process groups before an entry point's process exits, whichever way
+it ends.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
 DEFAULT_TIMEOUT = 600.0
 EXIT_PEER_LOST = 4
 _timeout = {"seconds": DEFAULT_TIMEOUT}  # the process group's collective timeout, for the groups made later
+_gloo_groups = []  # the groups cpu_group made, for leaving_gloo_groups
 
 
 def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Accelerator:
@@ -61,11 +64,34 @@ def cpu_group():
     """A gloo group of all processes, with the collective timeout of the default group (torch's new_group
     does not inherit it: without one it waits 30 minutes). Every process must call it together."""
     import torch.distributed as dist
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=_timeout["seconds"]))
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=_timeout["seconds"]))
+    _gloo_groups.append(group)
+    return group
+
+
+@contextlib.contextmanager
+def leaving_gloo_groups():
+    """Around an entry point: however it ends (an error line and exit status included), the gloo process
+    groups still open are destroyed before the interpreter exits. Left to the interpreter's teardown, a
+    gloo worker thread still running there aborts the process ("terminate called without an active
+    exception", SIGABRT), and the launcher reports a crash instead of the exit status. Gloo's destroy is
+    local to the process; an NCCL group is left as it is (its teardown may wait for a peer that is gone)."""
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            groups = [None] if dist.get_backend() == "gloo" else _gloo_groups  # None: every group
+            with contextlib.suppress(Exception):  # the process is exiting: its own error is the one to show
+                for group in groups:
+                    dist.destroy_process_group(group)
+        _gloo_groups.clear()
 
 
 _TIMED_OUT = re.compile(r"timed out|timeout", re.I)
 _CLOSED = re.compile(r"connection (closed|reset)|broken pipe|connectFullMesh failed|communicator was aborted", re.I)
+# gloo's text, without its source path, for the other operations on a context where one timed out
+_GLOO_UNNAMED = re.compile(r"^Application timeout caused pair closure")
 _PEER_ADDRESS = re.compile(r"\[(\d+\.\d+\.\d+\.\d+|[0-9a-f:]+)\]:(\d+)", re.I)
 
 
@@ -76,7 +102,7 @@ def lost_peer_message(error: BaseException, rank: int, world: int, timeout: floa
     peer's address when the text has one."""
     text = str(error)
     from_collective = isinstance(error, getattr(torch.distributed, "DistError", ())) or \
-        isinstance(error, RuntimeError) and re.search(r"gloo|nccl", text, re.I)
+        isinstance(error, RuntimeError) and (re.search(r"gloo|nccl", text, re.I) or _GLOO_UNNAMED.search(text))
     timed_out = bool(_TIMED_OUT.search(text))
     if not from_collective or not (timed_out or _CLOSED.search(text)):
         return None

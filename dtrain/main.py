@@ -34,8 +34,8 @@ from dtrain.checkpoint import (atomic_write, check_resumable, data_fingerprint, 
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
-from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_every_process, on_main_first,
-                                process_batch_sizes, run_on_main, stop_on_lost_peer)
+from dtrain.distributed import (broadcast, check_sync_bn, leaving_gloo_groups, make_accelerator, on_every_process,
+                                on_main_first, process_batch_sizes, run_on_main, stop_on_lost_peer)
 from dtrain.engine import Trainer, TrainParts
 from dtrain.errors import TrainingDiverged, UserError
 from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
@@ -207,7 +207,7 @@ def run(argv=None) -> dict | None:
 
 def main(argv=None) -> None:
     from dtrain.errors import run_cli
-    with stop_on_lost_peer():
+    with leaving_gloo_groups(), stop_on_lost_peer():
         run_cli(run, argv)
 
 

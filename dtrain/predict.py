@@ -437,8 +437,10 @@ def run(argv=None) -> dict | None:
 
 
 def main(argv=None) -> None:
+    from dtrain.distributed import leaving_gloo_groups
     from dtrain.errors import run_cli
-    run_cli(run, argv)
+    with leaving_gloo_groups():
+        run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -266,6 +266,7 @@ def test_disk_full_on_the_main_process_ends_every_process_with_the_same_line(sma
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 2 and len(set(lines)) == 1, r.stderr
     assert re.search(rf"disk full writing {re.escape(str(out))}/(last|best)\.pt", lines[0]), lines[0]
+    assert "exitcode  : 2" in r.stderr and "SIGABRT" not in r.stderr, r.stderr[-3000:]   # each exits 2, none aborts
     assert (out / "last.pt").read_bytes() == before
 
 

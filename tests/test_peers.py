@@ -88,6 +88,9 @@ def test_lost_peer_messages_name_the_peer_when_known():
     assert lost_peer_message(closed, rank=0, world=4, timeout=20).startswith(
         "the process at 10.0.0.2:4711 was lost (its connection closed)")
     assert lost_peer_message(timed_out, rank=2, world=4, timeout=20).startswith("another process stopped answering")
+    # what gloo raises in the operations it closes when another one timed out: no source path, no "gloo"
+    closed_after = RuntimeError("Application timeout caused pair closure")
+    assert lost_peer_message(closed_after, rank=0, world=2, timeout=20).startswith("rank 1 stopped answering for 20 s")
     # other errors are not a lost peer
     assert lost_peer_message(RuntimeError("CUDA out of memory"), rank=0, world=2, timeout=20) is None
     assert lost_peer_message(RuntimeError("DataLoader timed out after 5 seconds"), 0, 2, 20) is None
