@@ -10,6 +10,13 @@ from helpers import SHARED_DATA, write_cifar  # noqa: E402
 pytest_plugins = ["cluster.fixtures"]  # the slurm_cluster fixture (tests/cluster/)
 
 
+def pytest_collection_modifyitems(items):
+    """Files that hold slow tests first: with the files shared out among workers in this order, the long
+    ones start early and the short ones fill in, instead of one long file running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> Path:
     """A small generated CIFAR-10 folder in the real pickled-batch layout (200 train, 50 test)."""

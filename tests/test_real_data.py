@@ -9,11 +9,12 @@ from helpers import metrics, train
 
 @pytest.mark.slow
 def test_cnn_learns_real_cifar(shared_data, tmp_path):
-    """5,000 real training images, about a minute of 2-core CPU: >= 40% on 1,000 real test images."""
+    """5,000 real training images, 3 epochs (about a minute on one core): >= 40% on 1,000 real test images
+    (47% when measured; 10% is chance)."""
     subprocess.run([sys.executable, str(shared_data / "export.py"), "cifar", str(tmp_path / "c"), "--train", "5000",
                     "--test", "1000"], check=True, capture_output=True)
     out = tmp_path / "run"
-    train(["--arch", "cnn", "--data-dir", str(tmp_path / "c"), "--no-download", "--epochs", "6",
+    train(["--arch", "cnn", "--data-dir", str(tmp_path / "c"), "--no-download", "--epochs", "3",
            "--batch-size", "64", "--lr", "0.05", "--scheduler", "onecycle", "--output-dir", str(out)],
           timeout=600)
     rows = metrics(out)
