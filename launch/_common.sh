@@ -3,8 +3,8 @@
 # machine runs, their threads, the Python interpreter and the torchrun command line.
 #
 # Environment a user may set:
-#   GPUS_PER_NODE     processes on this machine (default: the GPUs Slurm gave this step, else
-#                     nvidia-smi's count, else 1 CPU process)
+#   GPUS_PER_NODE     processes on this machine (default: one per GPU this job may use, see
+#                     dtrain_gpu_count; with none, 1 CPU process)
 #   OMP_NUM_THREADS   threads per process (default: Slurm's CPUs per task, else this machine's
 #                     CPUs, divided by the processes)
 #   DTRAIN_PYTHON     Python interpreter (default: python, else python3)
@@ -15,24 +15,46 @@
 # continues from last.pt.
 DTRAIN_MAX_RESTARTS=3
 
-# GPUs here: Slurm's count for this step, else nvidia-smi's, else 0.
-dtrain_gpu_count() {
-    local n
-    if [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
-        echo "$SLURM_GPUS_ON_NODE"
-        return
-    fi
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-        echo "${n:-0}"
-        return
-    fi
-    echo 0
+# _dtrain_listed_gpus LIST: prints how many GPUs a CUDA_VISIBLE_DEVICES value names, as the CUDA
+# driver reads it: comma-separated entries, each an index, GPU-<uuid> or MIG-<uuid>; the list ends
+# at the first entry that is none of these (e.g. -1), and an empty LIST names no GPU.
+_dtrain_listed_gpus() {
+    local entry n=0
+    local -a entries
+    IFS=, read -ra entries <<<"$1"
+    for entry in "${entries[@]}"; do
+        [[ $entry =~ ^([0-9]+|(GPU|MIG)-.+)$ ]] || break
+        n=$((n + 1))
+    done
+    echo "$n"
 }
 
-# dtrain_processes NAME: sets DTRAIN_NPROC (processes on this machine) and DTRAIN_ON_CPU (1 when
-# no GPU was found: one CPU process, for the caller to say so). A bad GPUS_PER_NODE: one line on
-# stderr, prefixed with NAME, and status 2.
+# dtrain_gpu_count: sets DTRAIN_GPUS, the GPUs this job may use, and DTRAIN_GPU_SOURCE, where that
+# count came from, for messages. The first of: CUDA_VISIBLE_DEVICES when set (empty: none), Slurm's
+# SLURM_GPUS_ON_NODE, Slurm's SLURM_STEP_GPUS (a list of indices), nvidia-smi's list, else 0.
+dtrain_gpu_count() {
+    if [[ -v CUDA_VISIBLE_DEVICES ]]; then
+        DTRAIN_GPUS=$(_dtrain_listed_gpus "$CUDA_VISIBLE_DEVICES")
+        DTRAIN_GPU_SOURCE="CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
+    elif [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
+        DTRAIN_GPUS=$SLURM_GPUS_ON_NODE
+        DTRAIN_GPU_SOURCE="SLURM_GPUS_ON_NODE=$SLURM_GPUS_ON_NODE"
+    elif [[ -n ${SLURM_STEP_GPUS:-} ]]; then
+        DTRAIN_GPUS=$(_dtrain_listed_gpus "$SLURM_STEP_GPUS")
+        DTRAIN_GPU_SOURCE="SLURM_STEP_GPUS=$SLURM_STEP_GPUS"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        DTRAIN_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        DTRAIN_GPU_SOURCE=nvidia-smi
+    else
+        DTRAIN_GPUS=0
+        DTRAIN_GPU_SOURCE="no nvidia-smi"
+    fi
+}
+
+# dtrain_processes NAME: sets DTRAIN_NPROC (processes on this machine: GPUS_PER_NODE, else one per
+# GPU of dtrain_gpu_count), DTRAIN_NPROC_SOURCE (where that number came from, for messages) and
+# DTRAIN_ON_CPU (1 when no GPU was found: one CPU process, for the caller to say so). A bad
+# GPUS_PER_NODE: one line on stderr, prefixed with NAME, and status 2.
 dtrain_processes() {
     DTRAIN_ON_CPU=0
     if [[ -n ${GPUS_PER_NODE:-} ]]; then
@@ -41,9 +63,12 @@ dtrain_processes() {
             return 2
         fi
         DTRAIN_NPROC=$GPUS_PER_NODE
+        DTRAIN_NPROC_SOURCE="GPUS_PER_NODE=$GPUS_PER_NODE"
         return 0
     fi
-    DTRAIN_NPROC=$(dtrain_gpu_count)
+    dtrain_gpu_count
+    DTRAIN_NPROC=$DTRAIN_GPUS
+    DTRAIN_NPROC_SOURCE=$DTRAIN_GPU_SOURCE
     if [[ $DTRAIN_NPROC -eq 0 ]]; then
         DTRAIN_NPROC=1
         DTRAIN_ON_CPU=1

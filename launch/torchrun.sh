@@ -3,11 +3,12 @@
 #
 #   bash launch/torchrun.sh --arch resnet18 --epochs 100
 #
-# Every argument goes to dtrain/main.py. Processes: GPUS_PER_NODE if set, else nvidia-smi's GPU
-# count, else 1 (CPU). OMP_NUM_THREADS defaults to this machine's CPUs / processes. A lost worker
-# (killed, crashed) restarts the worker group, up to 3 times, and the restarted group continues
-# from the run's last.pt. Extra torchrun options go in TORCHRUN_ARGS
-# (e.g. TORCHRUN_ARGS="--master-port 29600" or "--max-restarts 0"); see launch/_common.sh.
+# Every argument goes to dtrain/main.py. Processes: GPUS_PER_NODE if set, else one per GPU this job
+# may use (CUDA_VISIBLE_DEVICES when set, else Slurm's GPUs, else nvidia-smi's list), else 1 (CPU).
+# OMP_NUM_THREADS defaults to this machine's CPUs / processes. A lost worker (killed, crashed)
+# restarts the worker group, up to 3 times, and the restarted group continues from the run's
+# last.pt. Extra torchrun options go in TORCHRUN_ARGS (e.g. TORCHRUN_ARGS="--master-port 29600" or
+# "--max-restarts 0"); see launch/_common.sh.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +17,7 @@ source "$root/launch/_common.sh"
 
 dtrain_processes launch/torchrun.sh || exit 2
 if [[ $DTRAIN_ON_CPU == 1 ]]; then
-    echo "launch/torchrun.sh: no GPU found (nvidia-smi): 1 CPU process" >&2
+    echo "launch/torchrun.sh: no GPU found ($DTRAIN_NPROC_SOURCE): 1 CPU process" >&2
 fi
 dtrain_threads
 dtrain_torchrun 1 --standalone

@@ -12,14 +12,15 @@
 #
 # Environment a user may set (before sbatch; sbatch exports the submitting environment):
 #   DTRAIN_ROOT       repository root (default: the directory sbatch was run from)
-#   GPUS_PER_NODE     processes per node (default: Slurm's GPUs on the node, else nvidia-smi's
-#                     count, else 1 CPU process)
+#   GPUS_PER_NODE     processes per node (default: one per GPU the step may use, from
+#                     CUDA_VISIBLE_DEVICES, else Slurm's counts, else nvidia-smi; else 1 CPU process)
 #   MASTER_ADDR       rendezvous host (default: first host of the allocation)
 #   MASTER_PORT       rendezvous port (default: 20000 + job id % 10000)
 #   OMP_NUM_THREADS   threads per process (default: CPUs per task / processes per node)
 #   DTRAIN_PYTHON     Python interpreter (default: python, else python3)
 #   TORCHRUN_ARGS     extra torchrun options (e.g. "--max-restarts 0": no restart of a lost worker)
-#   NCCL_* / TORCH_NCCL_*  passed through; defaults below apply only where unset.
+#   NCCL_* / TORCH_NCCL_*  passed through (NCCL_DEBUG defaults to WARN); on several nodes set
+#                     GLOO_SOCKET_IFNAME beside NCCL_SOCKET_IFNAME: dtrain's side channel is gloo
 
 # shellcheck source-path=SCRIPTDIR source=../launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/_common.sh"
@@ -107,9 +108,9 @@ run_cli(build_config, sys.argv[1:])'
     export MASTER_ADDR=${MASTER_ADDR:-$DTRAIN_FIRST_HOST}
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
     export DTRAIN_RDZV_ID=$job_key
-    # NCCL/torch defaults, only where the user has not set them.
+    # Defaults only where the user has not set them. NCCL's error handling is left to torch
+    # (TORCH_NCCL_ASYNC_ERROR_HANDLING, if the user sets it, passes through).
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
 
     local srun_args=(--nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)

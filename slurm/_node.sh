@@ -25,7 +25,7 @@ log() {
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/_common.sh"
 dtrain_processes dtrain || exit 2
 if [[ $DTRAIN_ON_CPU == 1 ]]; then
-    log "no GPU visible on this node: 1 CPU process (gloo). To use GPUs, submit with --gpus-per-node=N."
+    log "no GPU visible on this node ($DTRAIN_NPROC_SOURCE): 1 CPU process (gloo). To use GPUs, submit with --gpus-per-node=N."
 fi
 dtrain_threads
 
@@ -45,7 +45,7 @@ fi
 dtrain_torchrun "$nnodes" "${rendezvous[@]}"
 launcher=("${DTRAIN_LAUNCHER[@]}")
 
-log "$DTRAIN_NPROC process(es) on this node, OMP_NUM_THREADS=$OMP_NUM_THREADS: ${launcher[*]} $entry ..."
+log "$DTRAIN_NPROC process(es) on this node ($DTRAIN_NPROC_SOURCE), OMP_NUM_THREADS=$OMP_NUM_THREADS: ${launcher[*]} $entry ..."
 
 # The launcher and (by inheritance) its workers start with SIGUSR1/SIGUSR2 ignored: a signal
 # Slurm delivers to the whole step (it signals every process of a task) must not kill torchrun,
