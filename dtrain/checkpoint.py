@@ -186,8 +186,20 @@ def all_finite(*states) -> bool:
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
+def on_cpu(value):
+    """`value` (nested dicts, lists, tuples) with every tensor copied to the CPU: a checkpoint written on a
+    GPU loads with a plain torch.load(weights_only=True) on a machine without one."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    state = {"format": FORMAT, "version": VERSION, **state}
+    state = on_cpu({"format": FORMAT, "version": VERSION, **state})
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -284,7 +296,7 @@ MAY_CHANGE = (
     "rotate", "loader", "workers", "cache_dir", "data_dir", "download", "normalize", "eval_batch_size", "tta",
     "tta_shift", "eval_every",
     # the machine: processes, precision, speed
-    "precision", "channels_last", "compile", "sync_bn", "dist_timeout",
+    "precision", "channels_last", "compile", "sync_bn", "dist_timeout", "cpu",
     # only a fresh run's start
     "pretrained", "weights",
     # logging and output

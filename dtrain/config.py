@@ -158,8 +158,11 @@ class Config:
     precision: str | None = _f(None, "mixed precision (default: the accelerate config/launcher's)",
                                ["no", "fp16", "bf16"])
     channels_last: bool = _f(False, "channels-last memory format")
-    compile: bool = _f(False, "torch.compile the model")
-    sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm (GPUs only)")
+    compile: bool = _f(False, "torch.compile the model (static shapes; the first steps take longer)")
+    sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm (GPUs only). It synchronises the host with "
+                       "the GPU once per BatchNorm layer per step (torch's SyncBatchNorm reads the batch sizes): "
+                       "worth it only with a few images per GPU, e.g. under 32, where per-GPU statistics are noisy")
+    cpu: bool = _f(False, "run on the CPU even where GPUs are (as accelerate launch --cpu)")
     dist_timeout: float = _f(600.0, "seconds a process waits for the others in a collective; then a frozen or "
                              "lost peer stops the job with an error naming it (resume with --resume auto)",
                              check=positive)

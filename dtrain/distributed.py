@@ -20,7 +20,9 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+from accelerate.utils import DistributedDataParallelKwargs
+
+from dtrain.devices import check_device
 
 DEFAULT_TIMEOUT = 600.0
 EXIT_PEER_LOST = 4
@@ -28,14 +30,21 @@ _timeout = {"seconds": DEFAULT_TIMEOUT}  # the process group's collective timeou
 _gloo_groups = []  # the groups cpu_group made, for leaving_gloo_groups
 
 
-def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Accelerator:
+def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIMEOUT, cpu: bool = False) -> Accelerator:
     """The Accelerator with the DDP settings for speed, on a process group whose collectives give up after
-    `timeout` seconds.
+    `timeout` seconds; on the CPU when there is no CUDA, or with `cpu` (or accelerate's --cpu).
+
+    The device is checked first (`devices.check_device`): a GPU node where torch cannot use CUDA, more
+    processes than GPUs, fp16 on the CPU or bf16 on a GPU without it are a UserError before any process
+    group exists. `precision` None takes the launcher's (accelerate config, --mixed_precision).
 
     The process group is created here by accelerate's PartialState with the timeout passed straight to
     torch.distributed.init_process_group (for NCCL, and for gloo on the CPU). Not through
     InitProcessGroupKwargs: its to_kwargs() drops a value equal to the class default (600 s), and torch
     would then use its own default, 30 minutes on gloo.
+
+    Dynamo is off in the accelerator whatever the accelerate config says: dtrain compiles the model itself,
+    once (dtrain.compiled).
 
     gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out of them).
     bucket_cap_mb 25 (torch's default): ResNet18's 45 MB of fp32 gradients go in 2 buckets, the first
@@ -50,14 +59,15 @@ def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIME
     broadcast_buffers: BatchNorm running statistics stay those of rank 0 (one small broadcast per step).
     cudnn.benchmark on CUDA: input shapes are fixed, so the autotuned convolution algorithms are reused.
     """
-    if torch.cuda.is_available():
+    running = precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    on_cpu = check_device(running, cpu)
+    if not on_cpu:
         torch.backends.cudnn.benchmark = True
-    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
     _timeout["seconds"] = timeout
-    PartialState(cpu, timeout=timedelta(seconds=timeout))
+    PartialState(on_cpu, timeout=timedelta(seconds=timeout))
     # precision None: accelerate takes it from its config file / launcher flags / environment
-    return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[ddp_kwargs()],
-                       step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=on_cpu, mixed_precision=precision, kwargs_handlers=[ddp_kwargs()],
+                       step_scheduler_with_optimizer=False, dynamo_backend="no")
 
 
 def cpu_group():
@@ -188,6 +198,19 @@ def _shape_empty_like_others(values):
         trailing = next((s[i] for s in shapes if s[i] is not None), None)
         fixed.append(v.new_zeros((0, *trailing)) if not len(v) and trailing is not None else v)
     return fixed
+
+
+def sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Make `module`'s buffers (BatchNorm statistics) those of the main process, on every process. Under DDP
+    each process's BatchNorm updates its statistics from its own batch after DDP's broadcast at the start of
+    a forward, and an EMA averages them per process; the main process's are the ones a checkpoint holds.
+    Every process must call this together (one broadcast per buffer, on every process alike)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+    works = [dist.broadcast(b.data, src=0, async_op=True) for b in module.buffers()]
+    for work in works:
+        work.wait()
 
 
 def broadcast(accelerator: Accelerator, value):

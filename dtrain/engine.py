@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,24 +29,41 @@ from torch import nn
 
 from dtrain.checkpoint import all_finite, atomic_write, save_checkpoint, training_state
 from dtrain.data.augment import BatchRNG
-from dtrain.distributed import gather_samples, run_on_main
+from dtrain.distributed import gather_samples, run_on_main, sync_buffers
 from dtrain.ema import WeightAverage
 from dtrain.errors import TrainingDiverged
 from dtrain.models import training_loss
 from dtrain.optim import LRSchedule, ScheduleSpec
 
+# Under fp16 the run has diverged when the GradScaler's scale has fallen below this: it halves on every
+# overflowed step from 2**16, so nearly every step for a while had inf/NaN gradients.
+MIN_SCALE = 1.0
+
 
 class EpochMeter:
-    """Training loss sum, correct predictions and sample count of the epoch under way, as one float64
-    tensor on the device (adding a batch never waits for the device)."""
+    """Training loss sum, correct predictions, sample count and skipped optimiser steps of the epoch under
+    way, as one float64 tensor on the device (adding a batch never waits for the device).
 
-    def __init__(self, device="cpu", values=(0.0, 0.0, 0.0)):
-        self.sums = torch.tensor(list(values), dtype=torch.float64, device=device)
+    Under fp16's GradScaler a batch whose loss is not finite is left out of the sums (its step is skipped,
+    not trained on); every process skips the same steps, so only the main process counts them."""
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+    SIZE = 4
+
+    def __init__(self, device="cpu", values=(0.0, 0.0, 0.0, 0.0)):
+        values = list(values) + [0.0] * (self.SIZE - len(values))  # checkpoints before the skipped count
+        self.sums = torch.tensor(values, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int, finite_only: bool = False) -> None:
         # torch.full, not torch.tensor: a blocking host-to-device copy would sync every step
-        self.sums += torch.stack([loss.double() * n, correct.double(),
-                                  torch.full((), float(n), device=self.sums.device, dtype=torch.float64)])
+        count = torch.full((), float(n), device=self.sums.device, dtype=torch.float64)
+        loss, correct = loss.double() * n, correct.double()
+        if finite_only:
+            finite = torch.isfinite(loss)
+            loss, correct, count = (torch.where(finite, v, 0.0) for v in (loss, correct, count))
+        self.sums[:3] += torch.stack([loss, correct, count])
+
+    def add_skipped(self, skipped: torch.Tensor) -> None:
+        self.sums[3] += skipped.double()
 
     def to(self, device) -> "EpochMeter":
         return EpochMeter(device, self.to_list())
@@ -67,13 +84,17 @@ class EpochMeter:
 
     @property
     def mean_loss(self) -> float:
-        loss, _, count = self.to_list()
+        loss, _, count, _ = self.to_list()
         return loss / max(count, 1)
 
     @property
     def accuracy(self) -> float:
-        _, correct, count = self.to_list()
+        _, correct, count, _ = self.to_list()
         return correct / max(count, 1)
+
+    @property
+    def skipped(self) -> int:
+        return int(self.to_list()[3])
 
 
 @dataclass
@@ -99,6 +120,7 @@ class TrainParts:
     eval_pipe: Any
     val_labels: torch.Tensor
     meta: dict                  # checkpoint.model_meta: saved in every checkpoint
+    compile: Callable[[nn.Module], nn.Module] | None = None  # how the evaluated module is compiled (if it is)
 
 
 class Clock:
@@ -226,8 +248,12 @@ class Trainer:
         self.out, self.report, self.stop = Path(output_dir), reporters, stop
         self.state = TrainState()
         self.ema = WeightAverage(self.raw, cfg.ema, cfg.lookahead) if cfg.ema else None
+        # evaluation runs the module beneath DDP (no collective in its forward, so a process with an empty
+        # validation shard makes the same calls as the others), after its buffers are made rank 0's
+        self.eval_module = self.ema.module if self.ema is not None else self.raw
+        self.eval_model = parts.compile(self.eval_module) if parts.compile else self.eval_module
+        self.scaler = accelerator.scaler  # fp16's GradScaler, or None
         self.rng = BatchRNG(accelerator.device, cfg.seed, accelerator.process_index)
-        self.compiled = eager(self.model) is not self.model
         self.steps_per_epoch = -(-len(self.train_loader) // cfg.grad_accum)
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
@@ -237,10 +263,6 @@ class Trainer:
         self.save_interval = cfg.save_every_minutes * 60 if cfg.save_every_minutes else None
         self.last_save = time.monotonic()
         self.last_good = None       # (path, epoch, step, batch_in_epoch) of the last checkpoint written or resumed
-
-    @property
-    def eval_model(self):
-        return self.ema.module if self.ema is not None else self.model
 
     def save(self, best: bool = False) -> None:
         """The main process writes last.pt, then copies it to best.pt (the order dtrain.checkpoint explains);
@@ -282,7 +304,7 @@ class Trainer:
         """The epoch's sums over all processes (every process calls this together); a non-finite loss sum
         is a divergence."""
         total = meter.reduced(self.acc)
-        if not math.isfinite(total.to_list()[0]):
+        if not math.isfinite(total.to_list()[0]) or self.scale_collapsed():
             s = self.state
             raise self.diverged(f"the training loss became NaN or infinite in epoch {s.epoch + 1} (by step "
                                 f"{s.step})")
@@ -297,7 +319,10 @@ class Trainer:
             self.acc.backward(loss / self.cfg.grad_accum)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, step, schedule, average. Under fp16's GradScaler returns whether the scaler skipped the
+        step (a device tensor: the scale went down, which it does only on inf/NaN gradients), else None."""
+        scale = self.scaler._scale.clone() if self.scaler is not None else None  # no sync: get_scale() would
         if self.cfg.grad_clip:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
@@ -306,29 +331,43 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.raw, (self.state.step + 1) / self.total_steps)
         self.state.step += 1
+        return None if scale is None else self.scaler._scale < scale
 
-    def end_accumulation(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float):
+    def scale_collapsed(self) -> bool:
+        """Under fp16: whether the GradScaler's scale fell below MIN_SCALE (nearly every step overflowed:
+        the loss stays non-finite). Reads the scale: call it where the loop synchronises anyway."""
+        return self.scaler is not None and self.scaler.get_scale() < MIN_SCALE
+
+    def end_accumulation(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float,
+                         meter: EpochMeter):
         """The optimiser step after the last micro-batch of an accumulation, its timing and log line;
         returns what all processes agree on (preempt.Agreement: a stop signal, a timed save), or raises
-        TrainingDiverged when the loss a log step reads is not finite on any process."""
+        TrainingDiverged when the loss a log step read was not finite on any process (under fp16's
+        GradScaler: not finite and the scale collapsed; a single non-finite loss is a skipped step)."""
         s = self.state
-        self.optimizer_step()
+        skipped = self.optimizer_step()
+        if skipped is not None and self.acc.is_main_process:
+            meter.add_skipped(skipped)
         s.batch_in_epoch = b + 1
         if self.clock.first_step_seconds is None:  # one synchronisation per run, to time the warm-up
             self._sync()
             self.clock.first_step_done(batch_started)
-        loss_value = None
+        diverged = False
         if s.step % self.cfg.log_every == 0 or s.batch_in_epoch == nb:
             loss_value = loss.item()
+            diverged = not math.isfinite(loss_value) and (self.scaler is None or self.scale_collapsed())
             self.report.step(s.step, {"loss": loss_value, "lr": self.schedule.lr, "batch": b + 1,
                                       "epoch": epoch + 1,
                                       "images_per_second": self.clock.images_per_second(self.acc.num_processes)})
         save_due = (self.save_interval is not None and self.acc.is_main_process
                     and time.monotonic() - self.last_save >= self.save_interval)
-        agreed = self.stop.agree(diverged=loss_value is not None and not math.isfinite(loss_value),
-                                 save_due=save_due)
+        return self.acted_on(self.stop.exchange(diverged=diverged, save_due=save_due))
+
+    def acted_on(self, agreed):
+        """The agreement, after raising TrainingDiverged when it says the loss diverged."""
         if agreed.diverged:
-            raise self.diverged(f"the training loss became NaN or infinite at step {s.step} (epoch {epoch + 1})")
+            s = self.state
+            raise self.diverged(f"the training loss became NaN or infinite by step {s.step} (epoch {s.epoch + 1})")
         return agreed
 
     @torch.no_grad()
@@ -355,7 +394,7 @@ class Trainer:
         self.clock = Clock()
         self.last_save = time.monotonic()
         stopped_by, last_eval = 0, None
-        if self.compiled:
+        if eager(self.eval_model) is not self.eval_model:
             self.warm_up_eval()
         try:
             while s.epoch < self.cfg.epochs and s.step < self.total_steps:
@@ -389,15 +428,17 @@ class Trainer:
             x = self.train_pipe(x, self.rng.batch(epoch, b))
             sync = (b + 1) % cfg.grad_accum == 0 or b + 1 == nb
             loss, correct = self.train_step(x, y, sync)
-            meter.add(loss, correct, len(y))
+            meter.add(loss, correct, len(y), finite_only=self.scaler is not None)
             self.clock.window_images += len(y)
             if sync:
-                agreed = self.end_accumulation(epoch, b, nb, loss, batch_started)
+                agreed = self.end_accumulation(epoch, b, nb, loss, batch_started, meter)
                 stopped_by = agreed.signum
                 if stopped_by or s.step >= self.total_steps:
                     break
                 if agreed.save_due and s.batch_in_epoch < nb:
                     self.save_mid_epoch(meter, seconds_before + time.perf_counter() - t0)
+        if not stopped_by:  # the last step's flags, still in flight on several processes
+            stopped_by = self.acted_on(self.stop.settle()).signum
         s.epoch_seconds = seconds_before + time.perf_counter() - t0
         s.meter = meter
         return stopped_by
@@ -427,6 +468,7 @@ class Trainer:
         ev = None
         t_eval = time.perf_counter()
         if (epoch + 1) % cfg.eval_every == 0 or last:
+            sync_buffers(self.acc, self.eval_module)  # BatchNorm statistics (EMA's too): rank 0's, as saved
             ev = evaluate(self.eval_model, self.val_loader, self.eval_pipe, self.acc, self.val_labels, cfg.tta,
                           cfg.tta_shift)
         row = {"epoch": epoch + 1, "step": s.step, "train_loss": total.mean_loss, "train_acc": total.accuracy,
@@ -435,6 +477,7 @@ class Trainer:
                "epoch_seconds": s.epoch_seconds, "eval_seconds": time.perf_counter() - t_eval,
                "images_per_second": total.count / s.epoch_seconds if s.epoch_seconds else None,
                "train_samples": total.count, "val_samples": len(ev.index) if ev else None,
+               "skipped_steps": total.skipped if self.scaler is not None else None,
                "elapsed_seconds": self.clock.elapsed(), "warmup_seconds": self.clock.warmup_seconds}
         self.schedule.end_epoch(row)
         best = ev is not None and (s.best_acc is None or ev.acc > s.best_acc)

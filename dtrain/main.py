@@ -23,12 +23,15 @@ if __name__ == "__main__" and sys.path[0] == _HERE:
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dtrain import compiled
 from dtrain import config as config_mod
+from dtrain.compiled import CompileSpec
 from dtrain.checkpoint import (atomic_write, check_resumable, data_fingerprint, find_resume, make_output_dir,
                                model_meta, remove_stale_temp_files, restore_training)
 from dtrain.data import load_dataset, stats
@@ -131,7 +134,7 @@ def first_images(cfg, data: Data, n: int) -> torch.Tensor:
     return Pipeline(AugmentSpec(), data.mean, data.std, "cpu")(next(iter(loader.batches()))[0])
 
 
-def build_training_model(cfg, acc, meta: dict, data: Data, fresh: bool):
+def build_training_model(cfg, acc, meta: dict, data: Data, fresh: bool, compile_spec: CompileSpec | None):
     """(model, raw, optimizer): the model of `meta` initialised (from the data on a fresh run, when it
     asks), converted (SyncBN, channels_last), on the device, prepared by accelerate and compiled; raw is
     the module beneath DDP / compile."""
@@ -146,26 +149,30 @@ def build_training_model(cfg, acc, meta: dict, data: Data, fresh: bool):
     raw = model.to(acc.device)
     optimizer = build_optimizer(OptimSpec.from_config(cfg), raw, acc.device)
     model, optimizer = acc.prepare(raw, optimizer)
-    if cfg.compile:
-        model = torch.compile(model)
+    if compile_spec is not None:
+        compiled.before_compile(acc.num_processes)
+        compiled.start_workers()
+        model = compiled.compile_module(model, compile_spec)
     return model, raw, optimizer
 
 
-def run_info(acc, data: Data, raw, batch: int, out: Path) -> dict:
+def run_info(acc, data: Data, raw, batch: int, out: Path, compile_spec: CompileSpec | None) -> dict:
     """What the reporters print and log at the start."""
     return {"train_size": len(data.train_set), "val_size": len(data.val_set),
             "num_classes": len(data.train_set.classes), "parameters": count_parameters(raw),
             "world_size": acc.num_processes, "rank": acc.process_index,
             "distributed_type": str(acc.distributed_type).split(".")[-1], "device": str(acc.device),
             "per_process_batch": batch, "precision": acc.mixed_precision, "output_dir": str(out),
-            "classes": list(data.train_set.classes)}
+            "classes": list(data.train_set.classes),
+            "compile": None if compile_spec is None else compile_spec.source}
 
 
 def run(argv=None) -> dict | None:
     cfg = parse_config(argv)
     if cfg is None:
         return None
-    acc = make_accelerator(cfg.precision, cfg.dist_timeout)
+    acc = make_accelerator(cfg.precision, cfg.dist_timeout, cfg.cpu)
+    compile_spec = CompileSpec() if cfg.compile else compiled.launcher_request()
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
@@ -180,7 +187,8 @@ def run(argv=None) -> dict | None:
                           train_set.channels, train_set.size, data.mean, data.std,
                           data_fingerprint(cfg.dataset, train_set.labels))
         check_resumable(ckpt, meta, resume_from)
-        model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None)
+        model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None,
+                                                     compile_spec=compile_spec)
 
         if acc.is_main_process:
             atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
@@ -188,14 +196,15 @@ def run(argv=None) -> dict | None:
         reporters = on_every_process(acc, lambda: make_reporters(cfg, out, resumed_epoch, acc.is_main_process))
         stop = StopSignal().install()
         parts = TrainParts(model, raw, optimizer, data.train_loader, data.val_loader, data.train_pipe,
-                           data.eval_pipe, data.val_set.labels, meta)
+                           data.eval_pipe, data.val_set.labels, meta,
+                           compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None)
         trainer = Trainer(cfg, acc, parts, out, reporters, stop)
         if ckpt is not None:
             restore_training(trainer, ckpt)
             reporters.message(f"resumed from {resume_from} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
         elif cfg.resume == "auto":
             reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
-        reporters.start(cfg, run_info(acc, data, raw, batch, out))
+        reporters.start(cfg, run_info(acc, data, raw, batch, out, compile_spec))
         try:
             summary = trainer.fit()
         finally:

@@ -64,10 +64,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, l
     return [{"params": decay, "weight_decay": weight_decay}, vectors]
 
 
-def build_optimizer(spec: OptimSpec, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(spec: OptimSpec, model: nn.Module, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimiser of `spec` over `model`'s parameter groups, with fused kernels (one launch for all
+    parameters, and under fp16's GradScaler no host sync per step) where `fused` says, by default on CUDA,
+    else foreach (RMSprop has no fused kernel)."""
     groups = param_groups(model, spec.weight_decay, spec.decay_norm_bias, spec.lr, spec.bias_lr_scale)
-    # fused kernels on CUDA (one launch for all parameters), foreach elsewhere
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fast = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {"foreach": True}
     if spec.name == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, **fast)
     if spec.name == "adam":

@@ -34,6 +34,9 @@ from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.report.console import MainConsole, ProgressBar
 
 
+PER_PROCESS_BATCH = 1024   # images per process and batch unless --batch-size says otherwise: keeps a GPU busy
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=command_name("dtrain/predict.py"),
@@ -50,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "cifar10/cifar100/imagefolder) are labelled and give an accuracy (default test)")
     p.add_argument("--output", help="CSV to write (default submission.csv for the kaggle test split, else "
                                     "predictions.csv)")
-    p.add_argument("--batch-size", type=int, default=1024, help="GLOBAL batch size (default 1024)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"GLOBAL batch size, split over the processes (default {PER_PROCESS_BATCH} per process)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode processes per process (default: the CPU cores shared out among processes)")
     p.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None,
                    help="mixed precision (default: the accelerate config/launcher's)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even where GPUs are (as accelerate launch --cpu)")
     p.add_argument("--tta", default=None, action=argparse.BooleanOptionalAction,
                    help="average the logits of each image and its mirror (default: as the checkpoint's run "
                         "evaluated)")
@@ -77,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if not args.checkpoint and not args.prepare:
         raise UserError("--checkpoint is required: give the best.pt or last.pt of a dtrain/main.py run")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be positive")
     if args.image and args.prepare:
         raise UserError("--prepare builds a data set's cache; it does not go with --image")
@@ -128,8 +133,10 @@ def load_model(args, device) -> Checkpointed:
     if tta_shift and not tta:
         from dtrain.errors import UserError
         raise UserError("--tta-shift N needs --tta (the checkpoint's run evaluated without TTA)")
-    return Checkpointed(saved, ckpt["arch"], model_from_checkpoint(ckpt).to(device).eval(),
-                        Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], device), list(ckpt["classes"]),
+    fmt = torch.channels_last if saved.channels_last else torch.contiguous_format  # as the run trained
+    return Checkpointed(saved, ckpt["arch"], model_from_checkpoint(ckpt).to(device, memory_format=fmt).eval(),
+                        Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], device, saved.channels_last),
+                        list(ckpt["classes"]),
                         int(ckpt["image_size"]), int(ckpt["in_channels"]), tta, tta_shift)
 
 
@@ -356,7 +363,7 @@ def predict_set(args, acc, console: MainConsole, m: Checkpointed, imageset, cach
     from dtrain.engine import predict
     from dtrain.errors import UserError
     world, rank, device = acc.num_processes, acc.process_index, acc.device
-    per_process = -(-args.batch_size // world)
+    per_process = PER_PROCESS_BATCH if args.batch_size is None else -(-args.batch_size // world)
     if choose_loader("files", imageset) == "memory":
         loader = ArrayLoader(imageset, device, per_process, rank, world)
         source = "cache" if cached else "memory"
@@ -366,7 +373,7 @@ def predict_set(args, acc, console: MainConsole, m: Checkpointed, imageset, cach
         source = f"PNG files ({workers} decode workers per process)"
     console.print(f"[bold]dtrain predict[/] {m.arch} ({Path(args.checkpoint)}) on {len(imageset):,} images "
                   f"from {source}; {world} process(es) ({str(acc.distributed_type).split('.')[-1]}, "
-                  f"{device}), batch {args.batch_size}, precision {acc.mixed_precision}" + tta_words(m))
+                  f"{device}), batch {per_process * world} ({per_process} per process), precision {acc.mixed_precision}" + tta_words(m))
     with console.progress("predicting", len(imageset)) as bar:
         tracked = _Tracked(loader, bar if acc.is_main_process else None, world,
                            (m.channels, imageset.size, imageset.size), device)
@@ -404,7 +411,7 @@ def run(argv=None) -> dict | None:
 
     args = parse_args(argv)
     keep_freed_memory()
-    acc = make_accelerator(args.precision)
+    acc = make_accelerator(args.precision, cpu=args.cpu)
     console = MainConsole(acc.is_main_process)
     if acc.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -1,10 +1,18 @@
 """Stop requests: SIGUSR1 (Slurm's warning before a time limit or preemption), SIGTERM and Ctrl-C (SIGINT).
 
-The handler only records the signal; the training loop calls `agree()` at each step boundary, where all
-processes agree (one all-reduce over a CPU group, so no GPU synchronisation) on the signal and on two more
-flags the loop raises: the loss diverged on some process, and a timed save is due (the main process's
-clock); then it saves and exits, stops with an error, or saves and goes on.
-Once `agree()` has reported a stop, every further stop signal is ignored: the save and the exit are
+The handler only records the signal; the training loop calls `exchange()` at each optimiser-step
+boundary, where the processes agree on the signal and on two more flags the loop raises: the loss
+diverged on some process, and a timed save is due (the main process's clock); then it saves and exits,
+stops with an error, or saves and goes on.
+
+The agreement costs no rendezvous per step: on several processes each step posts its flags in an
+all-reduce over a CPU (gloo) group without waiting for it, and the next step boundary collects that
+result, which the peers posted one step earlier and which has almost always arrived. So every process
+acts on the flags of step s at step s + 1, the same step on all of them: a signal's save lands at the same
+position on every rank, and a resumed run continues exactly there. `settle()` collects the last one when
+the loop ends (an epoch's end, --max-steps). A frozen peer shows when a collect waits past the collective
+timeout. On one process the flags act at once.
+Once an agreement has reported a stop, every further stop signal is ignored: the save and the exit are
 not cut short. Before that, a second Ctrl-C aborts at once (writes are atomic: a checkpoint being written
 is left as it was). Under a
 torchrun/accelerate agent, which forwards the SIGINT it gets from the terminal to its workers, a worker
@@ -43,6 +51,7 @@ class StopSignal:
         self.signum = 0
         self.interrupts = 0
         self.group = None
+        self._pending = None      # (flags, work) of the all-reduce posted at the last step, not yet collected
         self._previous = {}
         # each Ctrl-C reaches a worker of an elastic agent twice: from the terminal and forwarded by the agent
         self._interrupts_to_abort = 3 if os.environ.get("TORCHELASTIC_RUN_ID") else 2
@@ -66,15 +75,30 @@ class StopSignal:
         if not self.signum:
             self.signum = signum
 
-    def agree(self, diverged: bool = False, save_due: bool = False) -> Agreement:
-        """The stop signal and the flags of every process, the same on all of them. Every process must call
-        this together; once it returns a signal the caller saves and stops, and stop signals are ignored
-        from then on."""
+    def exchange(self, diverged: bool = False, save_due: bool = False) -> Agreement:
+        """Post this step's flags and return the agreement to act on now: on several processes the one
+        posted at the previous step (nothing is posted after an agreement that stops the run), on one
+        process these flags. Every process must call this at the same steps; once it returns a signal the
+        caller saves and stops, and stop signals are ignored from then on."""
         values = [self.signum, int(diverged), int(save_due)]
-        if self.group is not None:
+        if self.group is None:
+            return self._agreed(values)
+        previous = self.settle()
+        if not (previous.signum or previous.diverged):
             flags = torch.tensor(values, dtype=torch.int64)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            values = flags.tolist()
+            self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return previous
+
+    def settle(self) -> Agreement:
+        """The agreement still in flight (waiting for it), or a neutral one when there is none."""
+        if self._pending is None:
+            return Agreement(0, False, False)
+        flags, work = self._pending
+        self._pending = None
+        work.wait()
+        return self._agreed(flags.tolist())
+
+    def _agreed(self, values: list[int]) -> Agreement:
         signum = values[0]
         if signum:
             self.signum = self.signum or signum

@@ -196,3 +196,26 @@ def cli_error(argv, capsys) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that a run in this process starts like a new process."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_here(args: list, **patches):
+    """dtrain.main.run in this process (no interpreter start): the summary it returns. `patches`
+    replace names in dtrain.main for the run (e.g. make_accelerator=...)."""
+    import dtrain.main
+    saved = {name: getattr(dtrain.main, name) for name in patches}
+    reset_accelerate()
+    try:
+        for name, value in patches.items():
+            setattr(dtrain.main, name, value)
+        return dtrain.main.run(["--no-wandb", "--no-plots", *map(str, args)])
+    finally:
+        for name, value in saved.items():
+            setattr(dtrain.main, name, value)
+        reset_accelerate()

@@ -98,7 +98,7 @@ def test_second_ctrl_c_aborts_at_once_and_signals_after_a_stop_are_absorbed(monk
             time.sleep(1)
         stop = StopSignal().install()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.agree().signum == signal.SIGTERM      # the loop saves and stops from here on
+        assert stop.exchange().signum == signal.SIGTERM     # the loop saves and stops from here on
         for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             os.kill(os.getpid(), s)                    # ignored: the process is still here
         time.sleep(0.1)

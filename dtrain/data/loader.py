@@ -149,13 +149,15 @@ class ArrayLoader(ShardedLoader):
             torch.from_numpy(imageset.images)
         self.labels = imageset.labels
 
-    def _host_batch(self, idx: torch.Tensor):
+    def _host_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, indices) of a batch on the host; pinned for a GPU, so that the copies to it do not
+        make the host wait."""
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         x = self.images[lo:hi] if hi - lo == len(idx) else self.images[idx]
-        x = x.contiguous()
+        batch = (x.contiguous(), self.labels[idx], idx)
         if self.device.type == "cuda":
-            x = x.pin_memory()
-        return x, idx
+            batch = tuple(t.pin_memory() for t in batch)
+        return batch
 
     def batches(self, epoch: int = 0, start: int = 0):
         from concurrent.futures import ThreadPoolExecutor
@@ -163,8 +165,8 @@ class ArrayLoader(ShardedLoader):
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(self._host_batch, index_batches[0]) if index_batches else None
             for k in range(len(index_batches)):
-                x, idx = pending.result()
+                x, y, idx = pending.result()
                 if k + 1 < len(index_batches):
                     pending = pool.submit(self._host_batch, index_batches[k + 1])
                 x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # uint8: cheap
-                yield x, self.labels[idx].to(self.device), idx.to(self.device)
+                yield x, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)

@@ -41,5 +41,6 @@ class TrainShards:
 
 
 def eval_shard(n: int, rank: int, world: int) -> torch.Tensor:
-    """Indices rank, rank+P, ... without padding: every image is evaluated exactly once in all."""
-    return torch.arange(rank, n, world)
+    """Indices rank, rank+P, ... without padding: every image is evaluated exactly once in all (a rank at or
+    past n gets none)."""
+    return torch.arange(min(rank, n), n, world)

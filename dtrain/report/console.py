@@ -14,12 +14,14 @@ from rich.text import Text
 
 COLUMNS = [("epoch", "{}"), ("step", "{}"), ("train_loss", "{:.4f}"), ("train_acc", "{:.2%}"),
            ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("val_top5", "{:.2%}"), ("lr", "{:.3g}"),
-           ("epoch_seconds", "{:.1f}"), ("images_per_second", "{:,.0f}")]
+           ("epoch_seconds", "{:.1f}"), ("images_per_second", "{:,.0f}"), ("skipped_steps", "{}")]
 
 
-def table_columns(num_classes: int | None) -> list[tuple[str, str]]:
-    """The epoch table's columns: val_top5 only for more than 5 classes."""
-    return [c for c in COLUMNS if c[0] != "val_top5" or (num_classes or 0) > 5]
+def table_columns(num_classes: int | None, precision: str | None = None) -> list[tuple[str, str]]:
+    """The epoch table's columns: val_top5 only for more than 5 classes, skipped_steps (the steps fp16's
+    GradScaler skipped on inf/NaN gradients) only under fp16."""
+    return [c for c in COLUMNS if (c[0] != "val_top5" or (num_classes or 0) > 5)
+            and (c[0] != "skipped_steps" or precision == "fp16")]
 
 
 def make_console() -> Console:
@@ -94,14 +96,15 @@ class ConsoleReporter:
         self.columns = table_columns(None)
 
     def start(self, cfg, info: dict) -> None:
-        self.columns = table_columns(info["num_classes"])
+        self.columns = table_columns(info["num_classes"], info.get("precision"))
         self.console.print(f"[bold]dtrain[/] {cfg.arch} on {cfg.dataset}: {info['train_size']:,} train / "
                            f"{info['val_size']:,} val images, {info['num_classes']} classes, "
                            f"{info['parameters']:,} parameters")
         self.console.print(f"processes: {info['world_size']} ({info['distributed_type']}, device "
                            f"{info['device']}), world size {info['world_size']}, global batch {cfg.batch_size} "
                            f"({info['per_process_batch']} per process x {cfg.grad_accum} accumulation), "
-                           f"precision {info['precision']}")
+                           f"precision {info['precision']}"
+                           + (f", compiled (static shapes; asked by {info['compile']})" if info.get("compile") else ""))
         self.console.print(f"output: {info['output_dir']}")
 
     def begin_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from dtrain.errors import UserError
 
 EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch", "epoch_seconds",
-              "images_per_second")
+              "images_per_second", "skipped_steps")
 STEP_KEYS = ("loss", "lr", "images_per_second")
 
 

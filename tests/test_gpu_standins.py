@@ -1,0 +1,479 @@
+"""Stand-ins for the GPU: every path that a GPU run takes and a CPU can run, run here.
+
+What only a GPU can show (NCCL, CUDA tensors in checkpoints, pinned copies, host syncs) is a line of
+bench/gpu.sh instead; docs/performance.md lists which is which.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.checkpoint import load_checkpoint
+from dtrain.devices import Machine, Torch, check_device, visible_devices
+from dtrain.errors import UserError
+from helpers import MAIN, REPO, cli_error, env, launch, metrics, signal_mid_run, train, train_here
+
+FAKE = ["--arch", "cnn", "--dataset", "fake", "--workers", "0"]
+
+
+def have_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+needs_compiler = pytest.mark.skipif(not have_compiler(), reason="no C++ compiler for torch inductor's CPU backend")
+
+
+# ---- processes and GPUs agree; no silent CPU ------------------------------------------------------------
+
+def fake_nvidia_smi(folder: Path, gpus: int, driver: str = "550.54.15") -> Path:
+    """An nvidia-smi that lists `gpus` GPUs (-L) and tells its driver version, as the real one prints them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = "".join(f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d}-aaaa-bbbb-cccc-dddddddddddd)'\n"
+                      for i in range(gpus))
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/sh\n"
+                      'case "$1" in\n'
+                      f"  -L) {listing or 'true'}\n;;\n"
+                      f"  --query-gpu=driver_version) for i in $(seq {gpus}); do echo {driver}; done ;;\n"
+                      "esac\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+def machine(env_=None, devices=(), smi_gpus=None, tmp_path=None) -> Machine:
+    path = None if smi_gpus is None else str(fake_nvidia_smi(tmp_path / "bin", smi_gpus) / "nvidia-smi")
+    return Machine(env=dict(env_ or {}), exists=lambda p: p in devices, which=lambda name: path)
+
+
+NO_CUDA = Torch(cuda_available=False, gpu_count=0, cuda_version="12.8", version="2.14.1",
+                why_no_cuda="The NVIDIA driver on your system is too old (found version 11040)")
+FOUR_GPUS = Torch(cuda_available=True, gpu_count=4, cuda_version="12.8", version="2.14.1", bf16=True)
+
+
+@pytest.mark.parametrize("value, count", [("0,1", 2), ("", 0), ("-1", 0), ("0,1,-1,2", 2), ("3", 1),
+                                          ("GPU-8a3b,GPU-77c1", 2), ("MIG-1234", 1), ("0, 1", 2), ("x", 0)])
+def test_cuda_visible_devices_counts_like_nvidia(value, count):
+    assert visible_devices(value) == count
+
+
+@pytest.mark.parametrize("env_, devices, smi, named", [
+    ({"CUDA_VISIBLE_DEVICES": "0"}, (), None, "CUDA_VISIBLE_DEVICES=0"),
+    ({"SLURM_GPUS_ON_NODE": "4"}, (), None, "SLURM_GPUS_ON_NODE=4"),
+    ({}, ("/dev/nvidia0",), None, "/dev/nvidia0 exists"),
+    ({}, (), 8, "nvidia-smi lists 8 GPUs"),
+])
+def test_gpu_node_where_torch_has_no_cuda_is_refused(tmp_path, env_, devices, smi, named):
+    with pytest.raises(UserError) as e:
+        check_device(None, cpu=False, machine=machine(env_, devices, smi, tmp_path), torch_=NO_CUDA)
+    line = str(e.value)
+    assert "\n" not in line and named in line and "torch 2.14.1 (built for CUDA 12.8)" in line
+    assert "driver on your system is too old" in line and "--cpu" in line
+    assert ("NVIDIA driver 550.54.15" in line) == (smi is not None)
+
+
+def test_the_cpu_on_purpose_and_machines_without_gpus_run_on_the_cpu(tmp_path):
+    gpu_node = ({"SLURM_GPUS_ON_NODE": "4"}, ("/dev/nvidia0",), 4)
+    assert check_device(None, cpu=True, machine=machine(*gpu_node, tmp_path), torch_=NO_CUDA)
+    assert check_device(None, cpu=False, torch_=NO_CUDA,
+                        machine=machine({"ACCELERATE_USE_CPU": "true", "SLURM_GPUS_ON_NODE": "4"}, (), 4, tmp_path))
+    # every GPU hidden from the process: the CPU on purpose, whatever the device files say
+    assert check_device(None, cpu=False, machine=machine({"CUDA_VISIBLE_DEVICES": ""}, ("/dev/nvidia0",)),
+                        torch_=NO_CUDA)
+    assert check_device("bf16", cpu=False, machine=machine(), torch_=NO_CUDA)  # a laptop: CPU, bf16 autocast
+    assert not check_device("bf16", cpu=False, machine=machine(), torch_=FOUR_GPUS)
+
+
+def test_more_processes_than_gpus_is_refused_naming_both():
+    m = machine({"LOCAL_WORLD_SIZE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    with pytest.raises(UserError) as e:
+        check_device(None, cpu=False, machine=m, torch_=FOUR_GPUS)
+    assert "8 processes were started on this node but it shows 4 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3)" in str(e.value)
+    assert check_device(None, cpu=True, machine=m, torch_=FOUR_GPUS)  # --cpu: 8 CPU processes are fine
+    assert not check_device(None, cpu=False, machine=machine({"LOCAL_WORLD_SIZE": "4"}), torch_=FOUR_GPUS)
+
+
+def test_precisions_the_device_lacks_are_one_line():
+    with pytest.raises(UserError, match=r"--precision fp16 needs a GPU: on the CPU it would run in fp32"):
+        check_device("fp16", cpu=False, machine=machine(), torch_=NO_CUDA)
+    with pytest.raises(UserError, match=r"--precision fp16 needs a GPU"):
+        check_device("fp16", cpu=True, machine=machine(), torch_=FOUR_GPUS)
+    v100 = Torch(True, 1, "12.8", "2.14.1", bf16=False, gpu_name="Tesla V100-SXM2-16GB, compute capability 7.0")
+    with pytest.raises(UserError) as e:
+        check_device("bf16", cpu=False, machine=machine(), torch_=v100)
+    assert "Tesla V100" in str(e.value) and "use --precision fp16, or --precision no" in str(e.value)
+
+
+def test_train_on_a_gpu_node_without_cuda_exits_2_before_anything(tmp_path, monkeypatch, capsys):
+    """The real command, the real torch (no CUDA here), a GPU node faked by nvidia-smi and Slurm's variable."""
+    bin_dir = fake_nvidia_smi(tmp_path / "bin", 2)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    out = tmp_path / "run"
+    line = cli_error([*FAKE, "--epochs", "1", "--output-dir", out], capsys)
+    assert "this machine has GPUs (SLURM_GPUS_ON_NODE=2; nvidia-smi lists 2 GPUs)" in line, line
+    assert f"torch {torch.__version__}" in line and "NVIDIA driver 550.54.15" in line, line
+    assert not out.exists()  # refused before the folder was claimed
+    summary = train_here([*FAKE, "--fake-size", "32", "-b", "16", "--max-steps", "1", "--cpu", "--output-dir", out])
+    assert summary["steps"] == 1
+
+
+def test_fp16_on_the_cpu_is_refused_not_run_as_fp32(tmp_path, capsys):
+    line = cli_error([*FAKE, "--precision", "fp16", "--output-dir", tmp_path / "run"], capsys)
+    assert line.startswith("error: --precision fp16 needs a GPU")
+
+
+# ---- precision: bf16 autocast, fp16's GradScaler (torch.amp.GradScaler("cpu")), fused optimisers --------
+
+def output_dtypes(record: list):
+    """A build_model that records the dtype of every convolution's and linear layer's output (the model's
+    own output is cast back to float32 by accelerate)."""
+    from dtrain.models import build_model
+
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        for layer in model.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.register_forward_hook(lambda m, i, o: record.append((m.training, o.dtype)))
+        return model
+    return build
+
+
+def test_bf16_autocast_runs_training_and_evaluation(tmp_path):
+    record = []
+    out = tmp_path / "run"
+    train_here([*FAKE, "--fake-size", "64", "-b", "16", "--epochs", "1", "--precision", "bf16", "--output-dir", out],
+               build_model=output_dtypes(record))
+    assert {dtype for _, dtype in record} == {torch.bfloat16}
+    assert {training for training, _ in record} == {True, False}  # training and evaluation forwards
+    (row,) = metrics(out)
+    assert row["skipped_steps"] is None and row["val_acc"] is not None
+    assert all(t.dtype == torch.float32 for t in load_checkpoint(out / "last.pt")["model"].values() if t.is_floating_point())
+
+
+def cpu_fp16_accelerator(precision=None, timeout=600.0, cpu=False):
+    """accelerate's fp16 path on the CPU: fp16 autocast and torch.amp.GradScaler("cpu"), wired where
+    accelerate wires the CUDA scaler (backward, clip_grad_norm_'s unscale, the prepared optimizer's step)."""
+    from accelerate import Accelerator, PartialState
+    from datetime import timedelta
+    from dtrain.distributed import ddp_kwargs
+    PartialState(True, timeout=timedelta(seconds=timeout))
+    acc = Accelerator(cpu=True, mixed_precision="fp16", kwargs_handlers=[ddp_kwargs()],
+                      step_scheduler_with_optimizer=False, dynamo_backend="no")
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")
+    return acc
+
+
+def fused_optimizer():
+    from dtrain.optim import build_optimizer
+    return partial(build_optimizer, fused=True)
+
+
+def overflow_at(steps: set, record: list | None = None):
+    """A build_model whose model's training output is infinite at the given training forwards (1-based)."""
+    from dtrain.models import build_model
+    calls = {"n": 0}
+
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if not module.training:
+                return output
+            calls["n"] += 1
+            return output * float("inf") if calls["n"] in steps else output
+        model.register_forward_hook(hook)
+        return model
+    return build
+
+
+FP16 = [*FAKE, "--fake-size", "96", "-b", "16", "--log-every", "1", "--grad-clip", "1.0", "--optimizer", "sgd"]
+
+
+def test_fp16_scaler_skips_an_overflowed_step_and_counts_it(tmp_path):
+    """One infinite loss at a log step: the GradScaler skips that step and halves its scale; the run goes
+    on (not "diverged"), the epoch row counts the skipped step, the checkpoint holds the scaler's state."""
+    out = tmp_path / "run"
+    summary = train_here([*FP16, "--epochs", "2", "--output-dir", out], make_accelerator=cpu_fp16_accelerator,
+                         build_optimizer=fused_optimizer(), build_model=overflow_at({3}))
+    assert summary["steps"] == 12
+    rows = metrics(out)
+    assert [r["skipped_steps"] for r in rows] == [1, 0]
+    assert all(r["train_loss"] is not None and r["train_loss"] < 10 for r in rows)  # the skipped loss left out
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["scaler"]["scale"] == 65536.0 / 2
+
+
+def test_fp16_scaler_resume_is_exact(tmp_path):
+    """Stopped at step 5 (after a skipped step), resumed: the same weights, scale and growth tracker as a
+    run never stopped; fused SGD and clipping under the scaler."""
+    common = [*FP16, "--epochs", "2", "--scheduler", "none"]  # --max-steps would change a decaying schedule
+    patches = dict(make_accelerator=cpu_fp16_accelerator, build_optimizer=fused_optimizer())
+    train_here([*common, "--output-dir", tmp_path / "whole"], build_model=overflow_at({2}), **patches)
+    part = tmp_path / "part"
+    train_here([*common, "--max-steps", "5", "--output-dir", part], build_model=overflow_at({2}), **patches)
+    train_here([*common, "--resume", "auto", "--output-dir", part], **patches)
+    whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(part / "last.pt")
+    assert resumed["step"] == whole["step"] == 12
+    assert resumed["scaler"] == whole["scaler"] and whole["scaler"]["scale"] == 32768.0
+    for k, v in whole["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def test_fp16_scale_collapse_is_divergence(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Exception) as e:
+        train_here([*FP16, "--epochs", "6", "--output-dir", out], make_accelerator=cpu_fp16_accelerator,
+                   build_optimizer=fused_optimizer(), build_model=overflow_at(set(range(7, 100))))
+    assert type(e.value).__name__ == "TrainingDiverged"
+    # every step from the 7th overflows: the scale halves each time and is below 1 after 17 of them
+    m = re.match(r"the training loss became NaN or infinite (by step (\d+)|in epoch \d+) .*: stopped without saving; "
+                 r"the last good checkpoint is \S+last.pt \(end of epoch \d, step \d+\)", str(e.value))
+    assert m, str(e.value)
+    assert [r["skipped_steps"] for r in metrics(out)][:3] == [0, 6, 6]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_fused_optimizers_match_foreach_on_our_parameter_groups(name):
+    """The fused kernels (CUDA's default) on dtrain's parameter groups (no decay on 1-D parameters, a scaled
+    bias LR, Nesterov) take the same steps as foreach (the CPU's default)."""
+    from dtrain.optim import OptimSpec, build_optimizer
+    spec = OptimSpec(name, 0.05, 0.9, name == "sgd", 5e-4, False, 4.0)
+    torch.manual_seed(0)
+    # (no bias right before a BatchNorm: its gradient is rounding noise, which Adam would normalise to +-lr)
+    nets = [torch.nn.Sequential(torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))]
+    nets.append(__import__("copy").deepcopy(nets[0]))
+    opts = [build_optimizer(spec, nets[0], torch.device("cpu"), fused=True),
+            build_optimizer(spec, nets[1], torch.device("cpu"), fused=False)]
+    assert opts[0].defaults.get("fused") and opts[1].defaults.get("foreach")
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- compile -----------------------------------------------------------------------------------------
+
+def counting_compile(calls: list):
+    """torch.compile that records its keyword arguments and compiles nothing (the module is returned)."""
+    def fake(model=None, **kwargs):
+        calls.append(kwargs)
+        return model
+    return fake
+
+
+@pytest.mark.parametrize("launcher_dynamo", [None, "INDUCTOR"])
+def test_compile_once_with_static_shapes_whatever_accelerate_asks(tmp_path, monkeypatch, launcher_dynamo):
+    """--compile with an accelerate config that also asks for dynamo: one compile of the training model and
+    one of the evaluated one, both with static shapes; accelerate's prepare compiles nothing."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", counting_compile(calls))
+    if launcher_dynamo:
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launcher_dynamo)
+    train_here([*FAKE, "--fake-size", "32", "-b", "16", "--max-steps", "1", "--compile",
+                "--output-dir", tmp_path / "run"])
+    assert [c.get("dynamic") for c in calls] == [False, False], calls
+
+
+def test_launcher_dynamo_alone_compiles_once_and_says_so(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "compile", counting_compile(calls))
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    train_here([*FAKE, "--fake-size", "32", "-b", "16", "--max-steps", "1", "--output-dir", tmp_path / "run"])
+    assert [(c.get("dynamic"), c.get("backend")) for c in calls] == [(False, "inductor")] * 2
+    assert "compiled (static shapes; asked by the accelerate config's dynamo_backend)" in capsys.readouterr().out
+
+
+def test_compile_on_old_torch_with_ddp_turns_donated_buffers_off(monkeypatch):
+    import torch._functorch.config as functorch_config
+    from dtrain.compiled import before_compile, torch_version
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)
+    assert not before_compile(2, (2, 9)) and not before_compile(1, (2, 6))
+    assert functorch_config.donated_buffer
+    assert before_compile(2, (2, 8)) and not functorch_config.donated_buffer
+    assert torch_version("2.8.0+cu128") == (2, 8) and torch_version("2.10.0a0") == (2, 10)
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compiled_bf16_accumulation_ema_tta_has_no_symbolic_shapes(tmp_path):
+    """The real compile on the CPU: bf16, --grad-accum, EMA and TTA; the training and evaluation batches
+    differ in size, and no graph has a symbolic (dynamic) batch dimension."""
+    out = tmp_path / "run"
+    r = train([*FAKE, "--fake-size", "100", "-b", "32", "--grad-accum", "2", "--eval-batch-size", "16", "--epochs",
+               "2", "--compile", "--precision", "bf16", "--ema", "0.9", "--tta", "--output-dir", out], timeout=900,
+              extra_env={"TORCH_LOGS": "dynamic,recompiles"})
+    log = r.stdout + r.stderr
+    assert "create_symbol" not in log, [line for line in log.splitlines() if "create_symbol" in line][:3]
+    assert "compiled (static shapes" in r.stdout
+    rows = metrics(out)
+    assert [row["step"] for row in rows] == [2, 4] and rows[-1]["val_acc"] is not None
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_ctrl_c_during_the_compile_warm_up_saves_at_the_first_step(tmp_path):
+    """Ctrl-C to the whole process group (the terminal's way) while inductor compiles: its worker processes
+    survive it, and the run saves at its first step boundary and exits 0 like at any other moment."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, MAIN, *FAKE, "--fake-size", "200", "-b", "40", "--epochs", "2", "--compile",
+           "--no-wandb", "--no-plots", "--output-dir", out]
+    rc, text = signal_mid_run(cmd, signal.SIGINT, delay=2.0, timeout=600)
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text and "stopped by signal 2 at step 1" in text, text[-3000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 1
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_compile_on_two_processes_trains_like_eager(tmp_path, cifar_dir):
+    """DDP under compile (the DDPOptimizer's graph split) on 2 processes ends with the weights of the eager
+    2-process run (fp32, the same global batch)."""
+    args = ["--arch", "cnn", "--data-dir", cifar_dir, "--no-download", "-b", "40", "--eval-batch-size", "64",
+            "--workers", "0", "--epochs", "1", "--no-augment"]
+    train([*args, "--output-dir", tmp_path / "eager"], nproc=2)
+    train([*args, "--compile", "--output-dir", tmp_path / "compiled"], nproc=2, timeout=900)
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("eager", "compiled"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+# ---- several processes: empty shards, EMA's statistics, channels_last ------------------------------------
+
+def logging_collectives(tmp_path) -> dict:
+    """The environment under which every process logs its collective calls (tests/collectives/)."""
+    folder = tmp_path / "collectives"
+    folder.mkdir()
+    return {"PYTHONPATH": f"{REPO / 'tests' / 'collectives'}{os.pathsep}{REPO}", "DTRAIN_COLLECTIVES": folder}
+
+
+def assert_same_collectives(env_: dict, nproc: int) -> list[str]:
+    calls = [(Path(env_["DTRAIN_COLLECTIVES"]) / f"rank{r}.txt").read_text().split() for r in range(nproc)]
+    for rank in range(1, nproc):
+        assert calls[rank] == calls[0], f"rank {rank} made other collective calls than rank 0"
+    return calls[0]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_empty_validation_shard_makes_the_same_collective_calls(tmp_path, nproc):
+    """One validation image on 2 or 3 processes: the others' shards are empty, and they make the same
+    collective calls as the rank that evaluates (NCCL pairs collectives strictly: one skipped, e.g. DDP's
+    buffer broadcast in a forward, and the next ones mismatch)."""
+    out = tmp_path / "run"
+    logged = logging_collectives(tmp_path)
+    train([*FAKE, "--fake-size", "4", "-b", str(nproc), "--eval-batch-size", "8", "--epochs", "2",
+           "--output-dir", out], nproc=nproc, extra_env=logged, timeout=300)
+    assert [row["val_samples"] for row in metrics(out)] == [1, 1]
+    calls = assert_same_collectives(logged, nproc)
+    assert "all_gather" in calls  # the evaluation's gather (the log works)
+
+
+def test_empty_prediction_shards_make_the_same_collective_calls(tmp_path):
+    run = tmp_path / "run"
+    train_here([*FAKE, "--fake-size", "16", "-b", "8", "--max-steps", "1", "--output-dir", run])
+    image = tmp_path / "kaggle" / "test" / "1.png"   # one test image for 3 processes
+    image.parent.mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    logged = logging_collectives(tmp_path)
+    launch(str(REPO / "dtrain" / "predict.py"),
+           ["--checkpoint", run / "last.pt", "--dataset", "kaggle", "--data-dir", tmp_path / "kaggle", "--no-cache",
+            "--workers", "0", "--output", tmp_path / "p.csv"], nproc=3, extra_env=logged, timeout=300)
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith("1,")
+    assert "all_gather" in assert_same_collectives(logged, 3)
+
+
+def val_loss_of(checkpoint: Path, cifar_dir: Path) -> float:
+    """The validation loss of a checkpoint's model, computed here from the files, as dtrain evaluates."""
+    from dtrain.config import config_from_dict
+    from dtrain.data import load_dataset
+    from dtrain.data.augment import AugmentSpec, Pipeline
+    from dtrain.models import model_from_checkpoint
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    cfg.data_dir = str(cifar_dir)
+    _, val = load_dataset(cfg)
+    x = Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], "cpu")(val.images.permute(0, 3, 1, 2))
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model_from_checkpoint(ckpt)(x), val.labels).item()
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_reported_validation_loss_is_the_saved_models_on_two_processes(tmp_path, cifar_dir, ema):
+    """With BatchNorm on 2 processes each rank's statistics (and its EMA's) drift apart after DDP's
+    per-forward broadcast; the evaluation uses rank 0's, which are the ones saved."""
+    out = tmp_path / "run"
+    args = ["--arch", "cnn", "--data-dir", cifar_dir, "--no-download", "-b", "40", "--eval-batch-size", "64",
+            "--workers", "0", "--epochs", "1", "--output-dir", out] + (["--ema", "0.5"] if ema else [])
+    train(args, nproc=2)
+    (row,) = metrics(out)
+    assert row["val_loss"] == pytest.approx(val_loss_of(out / "last.pt", cifar_dir), rel=1e-6)
+
+
+def test_channels_last_under_two_process_ddp_trains_like_one_process(tmp_path, cifar_dir):
+    """channels_last weights in DDP's gradient buckets (gradient_as_bucket_view): no stride mismatch, and the
+    2-process run takes the 1-process run's steps. (Not to 1e-7 as in NCHW: the CPU's channels_last
+    convolutions sum a batch of 20 in another order than one of 40, a few 1e-6 per step.)"""
+    args = ["--arch", "cnn", "--data-dir", cifar_dir, "--no-download", "-b", "40", "--eval-batch-size", "64",
+            "--workers", "0", "--epochs", "2", "--no-augment", "--norm", "group", "--lr", "0.05", "--channels-last"]
+    train([*args, "--output-dir", tmp_path / "p1"])
+    r = train([*args, "--output-dir", tmp_path / "p2"], nproc=2)
+    assert "Grad strides do not match bucket view strides" not in r.stderr
+    one, two = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("p1", "p2"))
+    torch.manual_seed(0)
+    from dtrain.models import build_model
+    init = build_model("cnn", 10, norm="group").state_dict()
+    for k in one:
+        assert (one[k] - two[k]).abs().max() < 1e-3, k
+    assert max((one[k] - init[k]).abs().max() for k in one) > 0.02  # and training moved the weights
+
+
+# ---- the stop-signal agreement --------------------------------------------------------------------------
+
+AGREEMENT = r"""
+import os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from dtrain.distributed import make_accelerator, leaving_gloo_groups
+from dtrain.preempt import StopSignal
+marker = Path(sys.argv[1])
+with leaving_gloo_groups():
+    acc = make_accelerator(None, 30)
+    stop = StopSignal().install()
+    rank = acc.process_index
+    if rank == 1:
+        time.sleep(3)
+        marker.write_text("rank 1 posts now")
+    first = stop.exchange(save_due=rank == 1)
+    if rank == 0:
+        print("rank 0 passed its first exchange", "before" if not marker.exists() else "after", "rank 1 posted")
+    second = stop.exchange()
+    last = stop.settle()
+    print(f"rank {rank}: {tuple(first)} {tuple(second)} {tuple(last)}", flush=True)
+    stop.uninstall()
+"""
+
+
+def test_stop_agreement_posts_without_waiting_and_acts_one_step_later(tmp_path):
+    """Rank 1 reaches its first step 3 s after rank 0: rank 0 does not wait for it there (no rendezvous per
+    step); both act on step 1's flags (rank 1's save request) at step 2, the same step on every rank."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREEMENT)
+    r = launch(str(script), [tmp_path / "marker"], nproc=2, timeout=120)
+    assert "rank 0 passed its first exchange before rank 1 posted" in r.stdout, r.stdout
+    for rank in (0, 1):
+        assert f"rank {rank}: (0, False, False) (0, False, True) (0, False, False)" in r.stdout, r.stdout
