@@ -76,7 +76,7 @@ class EpochMeter:
         return [float(v) for v in self.sums.tolist()]
 
     def load(self, values) -> None:
-        self.sums = torch.tensor(list(values), dtype=torch.float64, device=self.sums.device)
+        self.sums = EpochMeter(self.sums.device, values).sums
 
     @property
     def count(self) -> int:

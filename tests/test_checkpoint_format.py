@@ -44,11 +44,16 @@ def test_epoch_meter_sums_and_round_trips():
     m = EpochMeter()
     m.add(torch.tensor(0.5), torch.tensor(3), 4)
     m.add(torch.tensor(1.0), torch.tensor(1), 2)
-    assert m.to_list() == [4.0, 4.0, 6.0]
+    m.add(torch.tensor(float("inf")), torch.tensor(2), 2, finite_only=True)   # a step fp16's scaler skipped
+    m.add_skipped(torch.tensor(True))
+    assert m.to_list() == [4.0, 4.0, 6.0, 1.0]
     assert m.count == 6 and m.mean_loss == pytest.approx(4 / 6) and m.accuracy == pytest.approx(4 / 6)
+    assert m.skipped == 1
     n = EpochMeter()
     n.load(m.to_list())
     assert n.to_list() == m.to_list() and EpochMeter().mean_loss == 0.0
+    n.load([4.0, 4.0, 6.0])  # a checkpoint written before the skipped count
+    assert n.to_list() == [4.0, 4.0, 6.0, 0.0]
 
 
 def test_a_misspelt_reporter_hook_is_an_error():

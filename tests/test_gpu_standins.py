@@ -390,11 +390,26 @@ def test_empty_prediction_shards_make_the_same_collective_calls(tmp_path):
     from PIL import Image
     Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
     logged = logging_collectives(tmp_path)
-    launch(str(REPO / "dtrain" / "predict.py"),
-           ["--checkpoint", run / "last.pt", "--dataset", "kaggle", "--data-dir", tmp_path / "kaggle", "--no-cache",
-            "--workers", "0", "--output", tmp_path / "p.csv"], nproc=3, extra_env=logged, timeout=300)
+    r = launch(str(REPO / "dtrain" / "predict.py"),
+               ["--checkpoint", run / "last.pt", "--dataset", "kaggle", "--data-dir", tmp_path / "kaggle",
+                "--no-cache", "--workers", "0", "--output", tmp_path / "p.csv"], nproc=3, extra_env=logged, timeout=300)
     assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith("1,")
     assert "all_gather" in assert_same_collectives(logged, 3)
+    assert "batch 3072 (1024 per process)" in r.stdout  # the default batch is per process: a GPU each stays busy
+
+
+def test_prediction_runs_channels_last_when_the_checkpoint_trained_so(tmp_path):
+    from dtrain.predict import load_model, parse_args
+    for channels_last in (False, True):
+        out = tmp_path / f"run{channels_last}"
+        train_here([*FAKE, "--fake-size", "16", "-b", "8", "--max-steps", "1", "--output-dir", out]
+                   + (["--channels-last"] if channels_last else []))
+        m = load_model(parse_args(["--checkpoint", str(out / "last.pt"), "--output", str(tmp_path / "p.csv")]),
+                       torch.device("cpu"))
+        conv = next(p for p in m.model.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        x = m.pipeline(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def val_loss_of(checkpoint: Path, cifar_dir: Path) -> float:
