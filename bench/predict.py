@@ -238,7 +238,7 @@ def main() -> None:
     plain_n = min(a.plain_images or n, n)
     sec, nb, runs = best(lambda: time_plain(s.files[:plain_n], MEAN, STD, device))
     add("(a) plain loop: PIL + ToTensor/Normalize, batch 128, no workers", sec, plain_n, nb, 128, runs=runs)
-    sec, nb, runs = best(lambda: time_dtrain(FileLoader(s, device, pb, 0, 1, 0, False, workers), pipeline, device))
+    sec, nb, runs = best(lambda: time_dtrain(FileLoader(s, device, batch_size=pb, train=False, workers=workers), pipeline, device))
     add(f"(a) dtrain FileLoader from PNGs, {workers} workers, batch {pb}", sec, n, nb, pb, runs=runs)
     c = cache.locate(s.files, folder, "bench", 32, 3, work / "cache")
 
@@ -253,7 +253,7 @@ def main() -> None:
 
     def cached():
         s.images = torch.from_numpy(cache.open_cache(c))   # a fresh mapping each time, as a new run has
-        return time_dtrain(ArrayLoader(s, device, pb, 0, 1), pipeline, device)
+        return time_dtrain(ArrayLoader(s, device, batch_size=pb), pipeline, device)
     sec, nb, runs = best(cached)
     add(f"(a) dtrain ArrayLoader from the packed cache (memory-mapped), batch {pb}", sec, n, nb, pb, runs=runs)
     s.images = None

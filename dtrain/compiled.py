@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dtrain.preempt import SIGNALS
+from dtrain.signals import SIGNALS
 
 DONATED_BUFFERS_FIXED = (2, 9)
 

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import tomllib
 import types
 import typing
@@ -27,6 +28,7 @@ from typing import Callable
 
 from dtrain.cli import command_name
 from dtrain.errors import UserError
+from dtrain.helptable import argparse_markdown
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -67,10 +69,41 @@ positive = Rule(lambda v: v > 0, "positive")
 finite = Rule(lambda v: math.isfinite(v), "a finite number")
 
 
-def _f(default, help, choices=None, short=None, check: Rule | None = None):
-    """A Config field: its default, help text, allowed choices, short flag and the rule its value obeys
-    (None, the "not set" value of an optional field, is not checked; floats must also be finite)."""
-    meta = {"help": help, "choices": choices, "short": short, "check": check}
+# What a resumed run may do with a setting (dtrain.resume applies it)
+MAY_CHANGE = "may change"             # read afresh from the resumed run's flags
+MUST_MATCH = "must match"             # the checkpoint's value is needed (Policy.why says why)
+SAME_MID_EPOCH = "same mid-epoch"     # the checkpoint's value is needed where the run stopped mid-epoch
+BY_RESULT = "checked by result"       # compared through what it makes: the model, the data's fingerprint
+RESUME_RULES = (MUST_MATCH, SAME_MID_EPOCH, BY_RESULT, MAY_CHANGE)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What dtrain does with a setting beyond using its value."""
+    resume: str                # one of RESUME_RULES
+    why: str = ""              # MUST_MATCH / SAME_MID_EPOCH: why the checkpoint's value is needed
+    run_only: bool = False     # the run's own (where it wrote, its place in a sweep): left out when its
+                               # config.json serves as a recipe
+    sweepable: bool = True     # may be a --sweep axis
+    groups: bool = True        # separates dtrain summarize's groups (False: ignored there)
+
+
+CHANGES = Policy(MAY_CHANGE)                            # what is trained and how; read afresh on resume
+INCIDENTAL = Policy(MAY_CHANGE, groups=False)           # changes nothing trained: I/O, logging, saving
+BUILT = Policy(BY_RESULT)                               # shapes the model or picks the data
+SEED = Policy(SAME_MID_EPOCH, "a mid-epoch position is a place in the sample order it shuffles", groups=False)
+RUN_SETTING = Policy(MAY_CHANGE, run_only=True, groups=False)
+SWEEP = Policy(MAY_CHANGE, run_only=True, sweepable=False, groups=False)
+
+
+def matching(why: str) -> Policy:
+    return Policy(MUST_MATCH, why)
+
+
+def _f(default, help, choices=None, short=None, check: Rule | None = None, *, policy: Policy):
+    """A Config field: its default, help text, allowed choices, short flag, the rule its value obeys (None,
+    the "not set" value of an optional field, is not checked; floats must also be finite) and its policy."""
+    meta = {"help": help, "choices": choices, "short": short, "check": check, "policy": policy}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,116 +113,137 @@ def _f(default, help, choices=None, short=None, check: Rule | None = None):
 class Config:
     # what to train
     recipe: str | None = _f(None, "recipe name (dtrain/recipes/NAME.toml), or the path of a .toml file or "
-                             "of a run's config.json")
-    arch: str = _f("resnet18", "model architecture (see --list-archs); tv:<name> for torchvision models")
-    norm: str = _f("batch", "normalisation layers of archs that offer a choice", ["batch", "group", "none"])
-    aux_logits: bool = _f(False, "googlenet: train with the two 0.3-weighted auxiliary classifiers")
-    pretrained: bool = _f(False, "tv:<name> archs: start from torchvision's ImageNet weights (from its cache)")
-    weights: str | None = _f(None, "tv:<name> archs: start from the weights in this file")
+                             "of a run's config.json", policy=RUN_SETTING)
+    arch: str = _f("resnet18", "model architecture (see --list-archs); tv:<name> for torchvision models", policy=BUILT)
+    norm: str = _f("batch", "normalisation layers of archs that offer a choice", ["batch", "group", "none"],
+                   policy=BUILT)
+    aux_logits: bool = _f(False, "googlenet: train with the two 0.3-weighted auxiliary classifiers", policy=BUILT)
+    pretrained: bool = _f(False, "tv:<name> archs: start from torchvision's ImageNet weights (from its cache)",
+                          policy=CHANGES)
+    weights: str | None = _f(None, "tv:<name> archs: start from the weights in this file", policy=CHANGES)
     # data
-    dataset: str = _f("cifar10", "dataset format", ["cifar10", "cifar100", "fake", "kaggle", "imagefolder", "mnist"])
-    data_dir: str = _f("data", "dataset root folder")
-    download: bool = _f(True, "download the dataset if it is absent (cifar10, cifar100, mnist)")
+    dataset: str = _f("cifar10", "dataset format", ["cifar10", "cifar100", "fake", "kaggle", "imagefolder", "mnist"],
+                      policy=BUILT)
+    data_dir: str = _f("data", "dataset root folder", policy=CHANGES)
+    download: bool = _f(True, "download the dataset if it is absent (cifar10, cifar100, mnist)", policy=INCIDENTAL)
     cifar100_labels: str = _f("fine", "cifar100: train on the 100 fine classes or the 20 coarse superclasses",
-                              ["fine", "coarse"])
+                              ["fine", "coarse"], policy=BUILT)
     val_split: int = _f(0, "hold out N labelled training images for validation (kaggle, imagefolder)",
-                        check=at_least(0))
-    image_size: int | None = _f(None, "resize images to this size (default: the dataset's own)", check=at_least(1))
+                        check=at_least(0), policy=BUILT)
+    image_size: int | None = _f(None, "resize images to this size (default: the dataset's own)", check=at_least(1),
+                                policy=BUILT)
     normalize: str = _f("dataset", "input normalisation: the dataset's known mean/std, 'auto' (computed "
                         "over the training images), 'imagenet', or 'none'",
-                        ["dataset", "auto", "imagenet", "none"])
-    fake_size: int = _f(1024, "fake dataset: number of training images (test: a quarter)", check=at_least(1))
-    num_classes: int | None = _f(None, "fake dataset: number of classes (default 10)", check=at_least(1))
+                        ["dataset", "auto", "imagenet", "none"], policy=CHANGES)
+    fake_size: int = _f(1024, "fake dataset: number of training images (test: a quarter)", check=at_least(1),
+                        policy=BUILT)
+    num_classes: int | None = _f(None, "fake dataset: number of classes (default 10)", check=at_least(1), policy=BUILT)
     loader: str = _f("auto", "input pipeline: 'memory' keeps the uint8 images on the device and augments "
                      "there, 'files' decodes in DataLoader workers; auto picks memory when the data fits",
-                     ["auto", "memory", "files"])
-    workers: int = _f(4, "DataLoader worker processes per training process (files loader)", check=at_least(0))
+                     ["auto", "memory", "files"], policy=CHANGES)
+    workers: int = _f(4, "DataLoader worker processes per training process (files loader)", check=at_least(0),
+                      policy=INCIDENTAL)
     cache_dir: str | None = _f(None, "kaggle: folder for the packed cache of decoded images (default: "
-                               "DIR/.dtrain-cache beside the data)")
+                               "DIR/.dtrain-cache beside the data)", policy=INCIDENTAL)
     # augmentation (batched, on the device, on uint8 images)
-    augment: bool = _f(True, "apply the augmentations below to training images")
-    crop_padding: int = _f(4, "random crop after padding by this many pixels (0: off)", check=at_least(0))
-    pad_mode: str = _f("constant", "padding for the random crop", ["constant", "reflect"])
-    hflip: bool = _f(True, "random horizontal flip")
-    vflip: bool = _f(False, "random vertical flip")
-    cutout_holes: int = _f(0, "Cutout: number of square holes (0: off)", check=at_least(0))
-    cutout_length: int = _f(16, "Cutout: hole side in pixels", check=at_least(0))
-    translate: float = _f(0.0, "random translation, fraction of the image size (0: off)", check=in_range(0, 1))
-    rotate: float = _f(0.0, "random rotation up to this many degrees (0: off)", check=in_range(0, 180))
+    augment: bool = _f(True, "apply the augmentations below to training images", policy=CHANGES)
+    crop_padding: int = _f(4, "random crop after padding by this many pixels (0: off)", check=at_least(0),
+                           policy=CHANGES)
+    pad_mode: str = _f("constant", "padding for the random crop", ["constant", "reflect"], policy=CHANGES)
+    hflip: bool = _f(True, "random horizontal flip", policy=CHANGES)
+    vflip: bool = _f(False, "random vertical flip", policy=CHANGES)
+    cutout_holes: int = _f(0, "Cutout: number of square holes (0: off)", check=at_least(0), policy=CHANGES)
+    cutout_length: int = _f(16, "Cutout: hole side in pixels", check=at_least(0), policy=CHANGES)
+    translate: float = _f(0.0, "random translation, fraction of the image size (0: off)", check=in_range(0, 1),
+                          policy=CHANGES)
+    rotate: float = _f(0.0, "random rotation up to this many degrees (0: off)", check=in_range(0, 180), policy=CHANGES)
     # optimisation
-    epochs: int = _f(30, "training epochs", check=at_least(1))
-    max_steps: int | None = _f(None, "stop after this many optimiser steps (smoke tests)", check=at_least(1))
-    batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes", short="-b", check=at_least(1))
-    eval_batch_size: int = _f(1024, "GLOBAL evaluation batch size", check=at_least(1))
-    grad_accum: int = _f(1, "gradient accumulation steps per optimiser step", check=at_least(1))
-    optimizer: str = _f("sgd", "optimiser", ["sgd", "adam", "adamw", "rmsprop"])
-    lr: float = _f(0.1, "peak learning rate (the same at any number of processes)", check=at_least(0))
-    momentum: float = _f(0.9, "momentum (sgd, rmsprop)", check=in_range(0, 1, high_open=True))
-    nesterov: bool = _f(False, "Nesterov momentum (sgd)")
-    weight_decay: float = _f(5e-4, "weight decay", check=at_least(0))
-    decay_norm_bias: bool = _f(True, "apply weight decay to biases and normalisation weights too")
+    epochs: int = _f(30, "training epochs", check=at_least(1), policy=CHANGES)
+    max_steps: int | None = _f(None, "stop after this many optimiser steps (smoke tests)", check=at_least(1),
+                               policy=CHANGES)
+    batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes", short="-b", check=at_least(1),
+                         policy=matching("the run's step count, its schedule and its place in an epoch count batches of that size"))
+    eval_batch_size: int = _f(1024, "GLOBAL evaluation batch size", check=at_least(1), policy=CHANGES)
+    grad_accum: int = _f(1, "gradient accumulation steps per optimiser step", check=at_least(1),
+                         policy=matching("the run's step count, its schedule and its place in an epoch count batches of that size"))
+    optimizer: str = _f("sgd", "optimiser", ["sgd", "adam", "adamw", "rmsprop"],
+                        policy=matching("the optimiser's state depends on it"))
+    lr: float = _f(0.1, "peak learning rate (the same at any number of processes)", check=at_least(0), policy=CHANGES)
+    momentum: float = _f(0.9, "momentum (sgd, rmsprop)", check=in_range(0, 1, high_open=True), policy=CHANGES)
+    nesterov: bool = _f(False, "Nesterov momentum (sgd)", policy=CHANGES)
+    weight_decay: float = _f(5e-4, "weight decay", check=at_least(0), policy=CHANGES)
+    decay_norm_bias: bool = _f(True, "apply weight decay to biases and normalisation weights too",
+                               policy=matching("the optimiser's parameter groups depend on it"))
     bias_lr_scale: float = _f(1.0, "multiply the LR of 1-D parameters (biases, normalisation weights) by "
-                              "this and divide their weight decay by it (airbench: 64)", check=positive)
+                              "this and divide their weight decay by it (airbench: 64)", check=positive,
+                              policy=matching("the optimiser's parameter groups depend on it"))
     scheduler: str = _f("cosine", "learning-rate schedule",
-                        ["cosine", "plateau", "multistep", "onecycle", "linear", "none"])
-    onecycle_start: float = _f(0.04, "onecycle: LR factor at the first step", check=at_least(0))
+                        ["cosine", "plateau", "multistep", "onecycle", "linear", "none"], policy=CHANGES)
+    onecycle_start: float = _f(0.04, "onecycle: LR factor at the first step", check=at_least(0), policy=CHANGES)
     onecycle_peak: float = _f(0.25, "onecycle: fraction of training at which the LR peaks",
-                              check=in_range(0, 1, True, True))
-    onecycle_end: float = _f(0.0, "onecycle: LR factor at the last step", check=at_least(0))
-    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", check=at_least(0))
+                              check=in_range(0, 1, True, True), policy=CHANGES)
+    onecycle_end: float = _f(0.0, "onecycle: LR factor at the last step", check=at_least(0), policy=CHANGES)
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", check=at_least(0), policy=CHANGES)
     milestones: list[int] = _f([150, 225], "multistep: epochs at which the LR is multiplied by --gamma",
-                               check=each(at_least(0)))
-    gamma: float = _f(0.1, "multistep: LR factor at each milestone", check=positive)
-    plateau_monitor: str = _f("val_loss", "plateau: metric watched", ["val_loss", "val_acc"])
-    plateau_patience: int = _f(10, "plateau: epochs without improvement before the LR drops", check=at_least(0))
-    plateau_factor: float = _f(0.5, "plateau: LR factor", check=in_range(0, 1, low_open=True))
-    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", check=in_range(0, 1))
-    grad_clip: float | None = _f(None, "clip the gradient norm to this value", check=positive)
+                               check=each(at_least(0)), policy=CHANGES)
+    gamma: float = _f(0.1, "multistep: LR factor at each milestone", check=positive, policy=CHANGES)
+    plateau_monitor: str = _f("val_loss", "plateau: metric watched", ["val_loss", "val_acc"], policy=CHANGES)
+    plateau_patience: int = _f(10, "plateau: epochs without improvement before the LR drops", check=at_least(0),
+                               policy=CHANGES)
+    plateau_factor: float = _f(0.5, "plateau: LR factor", check=in_range(0, 1, low_open=True), policy=CHANGES)
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy loss", check=in_range(0, 1), policy=CHANGES)
+    grad_clip: float | None = _f(None, "clip the gradient norm to this value", check=positive, policy=CHANGES)
     ema: float | None = _f(None, "keep an exponential moving average of the weights with this decay and "
-                           "evaluate it", check=in_range(0, 1, True, True))
-    tta: bool = _f(False, "evaluate on the image and its mirror, averaging the logits")
+                           "evaluate it", check=in_range(0, 1, True, True), policy=CHANGES)
+    tta: bool = _f(False, "evaluate on the image and its mirror, averaging the logits", policy=CHANGES)
     tta_shift: int = _f(0, "with --tta: also average the mirrored pairs of the image shifted diagonally by "
-                        "-N and +N pixels (reflect padding), weight 1/2 in all (airbench: 1)", check=at_least(0))
+                        "-N and +N pixels (reflect padding), weight 1/2 in all (airbench: 1)", check=at_least(0),
+                        policy=CHANGES)
     lookahead: int = _f(0, "with --ema DECAY: every N optimiser steps the trained weights jump to the "
                         "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)",
-                        check=at_least(0))
+                        check=at_least(0), policy=CHANGES)
     # system
-    seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)", check=at_least(0))
+    seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)", check=at_least(0), policy=SEED)
     precision: str | None = _f(None, "mixed precision (default: the accelerate config/launcher's)",
-                               ["no", "fp16", "bf16"])
-    channels_last: bool = _f(False, "channels-last memory format")
-    compile: bool = _f(False, "torch.compile the model (static shapes; the first steps take longer)")
+                               ["no", "fp16", "bf16"], policy=CHANGES)
+    channels_last: bool = _f(False, "channels-last memory format", policy=CHANGES)
+    compile: bool = _f(False, "torch.compile the model (static shapes; the first steps take longer)", policy=CHANGES)
     sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm (GPUs only). It synchronises the host with "
                        "the GPU once per BatchNorm layer per step (torch's SyncBatchNorm reads the batch sizes): "
-                       "worth it only with a few images per GPU, e.g. under 32, where per-GPU statistics are noisy")
-    cpu: bool = _f(False, "run on the CPU even where GPUs are (as accelerate launch --cpu)")
+                       "worth it only with a few images per GPU, e.g. under 32, where per-GPU statistics are noisy",
+                       policy=CHANGES)
+    cpu: bool = _f(False, "run on the CPU even where GPUs are (as accelerate launch --cpu)", policy=CHANGES)
     dist_timeout: float = _f(600.0, "seconds a process waits for the others in a collective; then a frozen or "
                              "lost peer stops the job with an error naming it (resume with --resume auto)",
-                             check=positive)
+                             check=positive, policy=INCIDENTAL)
     # output
-    output_dir: str | None = _f(None, "output folder (default runs/<arch>-<time>, or runs/<job>-<id> under Slurm)")
-    resume: str | None = _f(None, "'auto': continue from last.pt in the output dir if there is one; or a path")
+    output_dir: str | None = _f(None, "output folder (default runs/<arch>-<time>, or runs/<job>-<id> under Slurm)",
+                                policy=RUN_SETTING)
+    resume: str | None = _f(None, "'auto': continue from last.pt in the output dir if there is one; or a path",
+                            policy=RUN_SETTING)
     save_every: int = _f(1, "write last.pt every N epochs (always at the end, when val_acc improves, and on a "
-                         "stop signal); fast recipes save less often, a checkpoint costs time", check=at_least(1))
-    log_every: int = _f(20, "console/W&B/TensorBoard step logging interval", check=at_least(1))
-    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", check=at_least(1))
-    plots: bool = _f(True, "draw curves and the confusion matrix to <output-dir>/run.png")
-    tensorboard: bool = _f(False, "write TensorBoard scalars to <output-dir>/tb")
-    wandb: bool = _f(True, "log to Weights & Biases from the main process (offline when no API key)")
-    wandb_project: str = _f("dtrain", "W&B project")
-    wandb_entity: str | None = _f(None, "W&B entity (team or user)")
-    wandb_name: str | None = _f(None, "W&B run name (default: the output folder's name)")
+                         "stop signal); fast recipes save less often, a checkpoint costs time", check=at_least(1),
+                         policy=INCIDENTAL)
+    log_every: int = _f(20, "console/W&B/TensorBoard step logging interval", check=at_least(1), policy=INCIDENTAL)
+    eval_every: int = _f(1, "evaluate every N epochs (and always after the last)", check=at_least(1), policy=CHANGES)
+    plots: bool = _f(True, "draw curves and the confusion matrix to <output-dir>/run.png", policy=INCIDENTAL)
+    tensorboard: bool = _f(False, "write TensorBoard scalars to <output-dir>/tb", policy=INCIDENTAL)
+    wandb: bool = _f(True, "log to Weights & Biases from the main process (offline when no API key)", policy=INCIDENTAL)
+    wandb_project: str = _f("dtrain", "W&B project", policy=INCIDENTAL)
+    wandb_entity: str | None = _f(None, "W&B entity (team or user)", policy=INCIDENTAL)
+    wandb_name: str | None = _f(None, "W&B run name (default: the output folder's name)", policy=INCIDENTAL)
     wandb_mode: str | None = _f(None, "W&B mode (default: online with an API key, else offline)",
-                                ["online", "offline", "disabled"])
-    wandb_group: str | None = _f(None, "W&B group (default: one per sweep, see --sweep)")
-    wandb_tags: list[str] = _f([], "W&B tags, e.g. --wandb-tags baseline,r18")
-    wandb_notes: str | None = _f(None, "W&B notes: a longer description of the run")
+                                ["online", "offline", "disabled"], policy=INCIDENTAL)
+    wandb_group: str | None = _f(None, "W&B group (default: one per sweep, see --sweep)", policy=INCIDENTAL)
+    wandb_tags: list[str] = _f([], "W&B tags, e.g. --wandb-tags baseline,r18", policy=INCIDENTAL)
+    wandb_notes: str | None = _f(None, "W&B notes: a longer description of the run", policy=INCIDENTAL)
     sweep: list[str] = _f([], "a grid of runs: KEY=V1,V2,... for any setting, repeatable; this run is "
-                          "combination --sweep-index (default $SLURM_ARRAY_TASK_ID); --sweep-list shows them")
-    sweep_index: int | None = _f(None, "which combination of the --sweep grid this run is (from 0)")
+                          "combination --sweep-index (default $SLURM_ARRAY_TASK_ID); --sweep-list shows them",
+                          policy=SWEEP)
+    sweep_index: int | None = _f(None, "which combination of the --sweep grid this run is (from 0)", policy=SWEEP)
     save_every_minutes: float | None = _f(None, "also write last.pt mid-epoch, at the first step after this "
                                           "many minutes since the last save (default: off), so a crash loses "
-                                          "at most that much work", check=positive)
+                                          "at most that much work", check=positive, policy=INCIDENTAL)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,9 +305,23 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
 
 
+def flag_name(name: str, negative: bool = False) -> str:
+    """The command-line flag of a setting: foo_bar -> --foo-bar (--no-foo-bar)."""
+    return ("--no-" if negative else "--") + name.replace("_", "-")
+
+
+def policy(name: str) -> Policy:
+    return FIELDS[name].metadata["policy"]
+
+
+def settings_where(test: Callable[[Policy], bool]) -> tuple[str, ...]:
+    """The settings whose policy passes `test`, in the order of the flags."""
+    return tuple(name for name in FIELDS if test(policy(name)))
+
+
 # Keys of a run's config.json that belong to that run alone: re-running it (`--recipe RUN/config.json`)
 # writes a new folder, starts fresh and is not part of the sweep the saved run came from.
-RUN_ONLY_KEYS = ("recipe", "output_dir", "resume", "sweep", "sweep_index")
+RUN_ONLY_KEYS = settings_where(lambda p: p.run_only)
 
 
 def load_recipe(name: str) -> dict:
@@ -382,23 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
             kw.update(action=_ListFlag, type=tp)
         else:
             kw.update(type=tp, choices=f.metadata.get("choices"))
-        names = ["--" + f.name.replace("_", "-")] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        names = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
         if tp is bool:
-            names.append("--no-" + f.name.replace("_", "-"))
+            names.append(flag_name(f.name, negative=True))
         p.add_argument(*names, help=f.metadata["help"], **kw)
         if "_" in f.name:  # the spelling of the field itself, as sweep agents write it; not in --help
             aliases = ["--" + f.name] + (["--no_" + f.name] if tp is bool else [])
             p.add_argument(*aliases, help=argparse.SUPPRESS, **kw)
     return p
-
-
-def build_config(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Config:
-    """Defaults < recipe (named, or the arch's default) < flags given on the command line."""
-    args = vars((parser or build_parser()).parse_args(argv))
-    for flag in ("list_archs", "list_recipes", "sweep_list"):
-        args.pop(flag, None)
-    from dtrain.sweep import apply_sweep
-    return resolve(apply_sweep(args))
 
 
 def resolve(overrides: dict) -> Config:
@@ -413,10 +472,6 @@ def resolve(overrides: dict) -> Config:
     cfg = Config(**settings)
     validate(cfg)
     return cfg
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # Rules between settings: (holds, message); each field's own rule is declared next to it.
@@ -439,10 +494,10 @@ def validate(cfg: Config) -> None:
             continue
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not finite.test(v) for v in values):
-            raise UserError(f"{_flag(f.name)} must be {finite.text}, not {value!r}")
+            raise UserError(f"{flag_name(f.name)} must be {finite.text}, not {value!r}")
         rule = f.metadata.get("check")
         if rule is not None and not rule.test(value):
-            raise UserError(f"{_flag(f.name)} must be {rule.text}, not {value!r}")
+            raise UserError(f"{flag_name(f.name)} must be {rule.text}, not {value!r}")
     for holds, message in CROSS_CHECKS:
         if not holds(cfg):
             raise UserError(message)
@@ -454,19 +509,30 @@ def config_from_dict(d: dict) -> Config:
 
 
 def flags_markdown() -> str:
-    """The table of flags in README.md (`python -m dtrain.config` prints it; a test keeps them equal)."""
-    rows = ["| flag | default | what |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(Config):
-        tp, _ = _base_type(f.type)
-        flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
-            flag = f"{flag} / --no-{f.name.replace('_', '-')}"
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        choices = f.metadata.get("choices")
-        what = f.metadata["help"] + (" (" + " \\| ".join(choices) + ")" if choices else "")
-        rows.append(f"| `{flag}` | `{default}` | {what} |")
-    return "\n".join(rows)
+    """The table of flags in docs/training.md (`python -m dtrain.config` prints it; a test keeps them equal)."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(Config)}
+    return argparse_markdown(build_parser(), defaults)
+
+
+def resume_rules_markdown() -> str:
+    """What a resumed run may change, from the fields' policies: the list in docs/training.md (`python -m
+    dtrain.config resume-rules` prints it; a test keeps them equal)."""
+    def flags(names):
+        return ", ".join(f"`{flag_name(n)}`" for n in names)
+
+    must = {}
+    for name in settings_where(lambda p: p.resume == MUST_MATCH):
+        must.setdefault(policy(name).why, []).append(name)
+    mid = settings_where(lambda p: p.resume == SAME_MID_EPOCH)
+    return "\n".join([
+        "- must match the checkpoint's run: " + "; ".join(f"{flags(names)} ({why})" for why, names in must.items()),
+        "- must match where the run stopped mid-epoch: " + "; ".join(f"{flags([n])} ({policy(n).why})" for n in mid),
+        "- compared through what they make (the model's arguments; the data's class names, image size, channels "
+        "and fingerprint): " + flags(settings_where(lambda p: p.resume == BY_RESULT)),
+        "- may change (read afresh from the resumed run): " + flags(settings_where(lambda p: p.resume == MAY_CHANGE)),
+    ])
 
 
 if __name__ == "__main__":
-    print(flags_markdown())
+    print(resume_rules_markdown() if sys.argv[1:] == ["resume-rules"] else flags_markdown())

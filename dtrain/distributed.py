@@ -5,29 +5,28 @@ gloo, so `accelerate launch --multi_gpu --num_processes 2` gives one 2-process j
 with DDP tuned for speed; models and recipes never see these settings.
 
 A process that waits longer than the collective timeout (`--dist-timeout`) for the others gets an error
-from torch; `stop_on_lost_peer` turns it into one line naming the rank that stopped answering and exit
-status EXIT_PEER_LOST, so a frozen or lost peer ends the job instead of leaving the others waiting.
-`leaving_gloo_groups` destroys the gloo process groups before an entry point's process exits, whichever way
-it ends.
+from torch; `lost_peer_line` turns it into one line naming the rank that stopped answering (the command
+then exits with EXIT_PEER_LOST), so a frozen or lost peer ends the job instead of leaving the others
+waiting. `leave_process_groups` destroys the gloo process groups before a command's process exits.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import sys
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object
 
 from dtrain.devices import check_device
+from dtrain.errors import UserError
 
 DEFAULT_TIMEOUT = 600.0
-EXIT_PEER_LOST = 4
 _timeout = {"seconds": DEFAULT_TIMEOUT}  # the process group's collective timeout, for the groups made later
-_gloo_groups = []  # the groups cpu_group made, for leaving_gloo_groups
+_gloo_groups = []  # the groups cpu_group made, for leave_process_groups
 
 
 def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIMEOUT, cpu: bool = False) -> Accelerator:
@@ -73,29 +72,23 @@ def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIME
 def cpu_group():
     """A gloo group of all processes, with the collective timeout of the default group (torch's new_group
     does not inherit it: without one it waits 30 minutes). Every process must call it together."""
-    import torch.distributed as dist
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=_timeout["seconds"]))
     _gloo_groups.append(group)
     return group
 
 
-@contextlib.contextmanager
-def leaving_gloo_groups():
-    """Around an entry point: however it ends (an error line and exit status included), the gloo process
-    groups still open are destroyed before the interpreter exits. Left to the interpreter's teardown, a
-    gloo worker thread still running there aborts the process ("terminate called without an active
-    exception", SIGABRT), and the launcher reports a crash instead of the exit status. Gloo's destroy is
-    local to the process; an NCCL group is left as it is (its teardown may wait for a peer that is gone)."""
-    try:
-        yield
-    finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            groups = [None] if dist.get_backend() == "gloo" else _gloo_groups  # None: every group
-            with contextlib.suppress(Exception):  # the process is exiting: its own error is the one to show
-                for group in groups:
-                    dist.destroy_process_group(group)
-        _gloo_groups.clear()
+def leave_process_groups() -> None:
+    """Destroy the gloo process groups still open, as a command ends (dtrain.errors.run_command calls it),
+    whichever way it ends. Left to the interpreter's teardown, a gloo worker thread still running there
+    aborts the process ("terminate called without an active exception", SIGABRT), and the launcher reports
+    a crash instead of the exit status. Gloo's destroy is local to the process; an NCCL group is left as it
+    is (its teardown may wait for a peer that is gone)."""
+    if dist.is_available() and dist.is_initialized():
+        groups = [None] if dist.get_backend() == "gloo" else _gloo_groups  # None: every group
+        with contextlib.suppress(Exception):  # the process is exiting: its own error is the one to show
+            for group in groups:
+                dist.destroy_process_group(group)
+    _gloo_groups.clear()
 
 
 _TIMED_OUT = re.compile(r"timed out|timeout", re.I)
@@ -128,20 +121,14 @@ def lost_peer_message(error: BaseException, rank: int, world: int, timeout: floa
     return f"{who} {what}: the job stops; its last.pt holds the last save; resume with --resume auto (torch: {reason})"
 
 
-@contextlib.contextmanager
-def stop_on_lost_peer():
-    """Around an entry point: a collective that failed on a frozen or lost peer ends the process with one
-    line on stderr and exit status EXIT_PEER_LOST (a launcher then stops, or restarts, the others)."""
-    try:
-        yield
-    except RuntimeError as e:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        message = lost_peer_message(e, int(os.environ.get("RANK", "0")), world, _timeout["seconds"])
-        if world < 2 or message is None:
-            raise
-        sys.stderr.write(f"error: {message}\n")  # one write: lines of several processes stay apart
-        sys.stderr.flush()
-        sys.exit(EXIT_PEER_LOST)
+def lost_peer_line(error: RuntimeError) -> str | None:
+    """The one line for a collective that failed on a frozen or lost peer of a job of several processes
+    (None: another error). dtrain.errors.run_command ends the process with it and EXIT_PEER_LOST, and a
+    launcher then stops, or restarts, the others."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        return None
+    return lost_peer_message(error, int(os.environ.get("RANK", "0")), world, _timeout["seconds"])
 
 
 def ddp_kwargs() -> DistributedDataParallelKwargs:
@@ -154,7 +141,6 @@ def process_batch_sizes(accelerator: Accelerator, batch_size: int, eval_batch_si
                         grad_accum: int) -> tuple[int, int]:
     """Per-process (training, evaluation) batch sizes for global ones: the training batch divides evenly
     over processes x accumulation steps (a UserError otherwise), the evaluation batch is rounded up."""
-    from dtrain.errors import UserError
     world = accelerator.num_processes
     per_process, rem = divmod(batch_size, world * grad_accum)
     if rem or per_process == 0:
@@ -164,7 +150,6 @@ def process_batch_sizes(accelerator: Accelerator, batch_size: int, eval_batch_si
 
 
 def check_sync_bn(accelerator: Accelerator, sync_bn: bool) -> None:
-    from dtrain.errors import UserError
     if sync_bn and accelerator.device.type != "cuda":
         raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop the flag "
                         "on the CPU")
@@ -191,7 +176,6 @@ def gather_samples(accelerator: Accelerator, index: torch.Tensor, *values: torch
 def _shape_empty_like_others(values):
     """A process with no samples has no idea of a value's trailing shape (e.g. the number of classes):
     take it from the processes that have some, or the gather would hang on mismatched shapes."""
-    from accelerate.utils import gather_object
     shapes = gather_object([[tuple(v.shape[1:]) if len(v) else None for v in values]])
     fixed = []
     for i, v in enumerate(values):
@@ -207,7 +191,6 @@ def sync_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
     Every process must call this together (one broadcast per buffer, on every process alike)."""
     if accelerator.num_processes == 1:
         return
-    import torch.distributed as dist
     works = [dist.broadcast(b.data, src=0, async_op=True) for b in module.buffers()]
     for work in works:
         work.wait()
@@ -217,7 +200,6 @@ def broadcast(accelerator: Accelerator, value):
     """The main process's value, on every process."""
     if accelerator.num_processes == 1:
         return value
-    from accelerate.utils import broadcast_object_list
     box = [value]
     broadcast_object_list(box)
     return box[0]
@@ -227,7 +209,6 @@ def _main_only(accelerator: Accelerator, fn):
     """fn() on the main process (None elsewhere). An error it raises is raised on every process, rather than
     leaving the others waiting at their next collective: a UserError as itself, anything else as the main
     process's original exception there and a RuntimeError naming it elsewhere."""
-    from dtrain.errors import UserError
     result, error, failure = None, None, None
     if accelerator.is_main_process:
         try:
@@ -258,7 +239,6 @@ def run_on_main(accelerator: Accelerator, fn):
 
 def on_every_process(accelerator: Accelerator, fn):
     """fn() on every process; a UserError raised on any of them is raised on all (none waits for the others)."""
-    from dtrain.errors import UserError
     try:
         result, error = fn(), None
     except UserError as e:
@@ -273,6 +253,5 @@ def first_error(accelerator: Accelerator, error: str | None) -> str | None:
     """Any process's error message (the lowest rank's), on every process."""
     if accelerator.num_processes == 1:
         return error
-    from accelerate.utils import gather_object
     errors = [e for e in gather_object([error]) if e is not None]
     return errors[0] if errors else None

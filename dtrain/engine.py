@@ -2,36 +2,37 @@
 dataset or logger it is driving.
 
 Position and preemption: `TrainState` counts completed epochs, optimiser steps and the batches done in
-the current epoch. A stop signal is honoured at the next optimiser-step boundary (all processes agree),
-the main process saves `last.pt` with that position, and a run started with `--resume auto` continues
-there, skipping only the batches already done in that one epoch. With --save-every-minutes the main
-process's clock asks for the same save mid-epoch (the flag shares the stop signal's all-reduce) and
-training goes on.
+the current epoch. A stop signal is honoured at an optimiser-step boundary that every process agrees on
+(dtrain.preempt), the main process saves `last.pt` with that position, and a run started with `--resume
+auto` continues there, skipping only the batches already done in that one epoch. With
+--save-every-minutes the main process's clock asks for the same save mid-epoch (the flag travels with the
+stop signal's) and training goes on. `Trainer.state_dict` / `load_state_dict` are the whole of a run's
+position; the Checkpointer decides where and when it is written.
 
 Divergence: a non-finite loss is looked for where the loop reads device values already (the loss of a
-log step, the epoch's sums when they are reduced), so it costs no synchronisation; the flag shares the
-stop signal's all-reduce, so every process stops at the same step with TrainingDiverged, which names the
-last good checkpoint. A save checks the weights first and refuses non-finite ones (`checkpoint.all_finite`).
+log step, the epoch's sums when they are reduced), so it costs no synchronisation; the flag travels with
+the stop signal's, so every process stops at the same step with TrainingDiverged, which names the last
+good checkpoint. Under fp16's GradScaler a non-finite loss is a skipped step, and the run has diverged
+only once the scale has collapsed (MIN_SCALE). A save checks the weights first and refuses non-finite ones.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dtrain.checkpoint import all_finite, atomic_write, save_checkpoint, training_state
+from dtrain.checkpointer import Checkpointer
 from dtrain.data.augment import BatchRNG
-from dtrain.distributed import gather_samples, run_on_main, sync_buffers
+from dtrain.distributed import sync_buffers
 from dtrain.ema import WeightAverage
-from dtrain.errors import TrainingDiverged
+from dtrain.epoch_row import epoch_row
+from dtrain.errors import TrainingDiverged, UserError
+from dtrain.inference import Evaluation, eager, eval_logits, evaluate, module_for
 from dtrain.models import training_loss
 from dtrain.optim import LRSchedule, ScheduleSpec
 
@@ -107,19 +108,45 @@ class TrainState:
     meter: EpochMeter = field(default_factory=EpochMeter)  # this process's sums for the epoch under way
     epoch_seconds: float = 0.0
 
+    @property
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.step, self.batch_in_epoch
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What the loop needs from the Config."""
+    epochs: int
+    max_steps: int | None
+    grad_accum: int
+    grad_clip: float | None
+    label_smoothing: float
+    ema: float | None
+    lookahead: int
+    seed: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    tta: bool
+    tta_shift: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoopSpec":
+        return cls(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.grad_clip, cfg.label_smoothing, cfg.ema,
+                   cfg.lookahead, cfg.seed, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.tta, cfg.tta_shift)
+
 
 @dataclass
 class TrainParts:
-    """What a Trainer trains, built by the caller (dtrain.main.build_model and build_data)."""
+    """What a Trainer trains, built by the caller (dtrain.main)."""
     model: nn.Module            # the module the forward pass runs: under DDP / torch.compile wrappers
-    raw: nn.Module              # the module beneath the wrappers (the same parameters): EMA, checkpoints, hooks
+    module: nn.Module           # the module beneath the wrappers (the same parameters): EMA, checkpoints, hooks
     optimizer: torch.optim.Optimizer
     train_loader: Any           # .batches(epoch, start) -> (x, y, index); len(); .batch_size
     val_loader: Any
     train_pipe: Any             # device-side augmentation + normalisation: pipe(x, generator)
     eval_pipe: Any
     val_labels: torch.Tensor
-    meta: dict                  # checkpoint.model_meta: saved in every checkpoint
     compile: Callable[[nn.Module], nn.Module] | None = None  # how the evaluated module is compiled (if it is)
 
 
@@ -150,159 +177,126 @@ class Clock:
         self.window_start, self.window_images = time.perf_counter(), 0
 
 
-@dataclass
-class Evaluation:
-    loss: float
-    acc: float
-    index: torch.Tensor     # dataset indices, sorted
-    preds: torch.Tensor
-    targets: torch.Tensor
-    top5: float | None = None   # top-5 accuracy, for more than 5 classes
-
-    def confusion(self, num_classes: int) -> torch.Tensor:
-        """rows: true class, columns: predicted class."""
-        return torch.bincount(self.targets * num_classes + self.preds,
-                              minlength=num_classes * num_classes).view(num_classes, num_classes)
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def eager(model):
-    """The module under a torch.compile wrapper (the same parameters), or the model itself."""
-    return getattr(model, "_orig_mod", model)
-
-
-def for_batch(model, n: int, full: int | None):
-    """The module to run a batch of `n` on: a compiled model keeps the shape of a full batch, so a shorter
-    one (an epoch's last) runs on the eager module beneath it rather than compiling a second graph."""
-    return model if full is None or n == full else eager(model)
-
-
-def tta_logits(model, x: torch.Tensor, shift: int = 0) -> torch.Tensor:
-    """Mean logits of the image and its mirror; with `shift`, averaged (1/2 each) with those of the image
-    moved by -shift and +shift pixels in both axes (reflect padding), as airbench's TTA."""
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
-
-    def pair(t):
-        return (model(t).float() + model(t.flip(3).contiguous(memory_format=fmt)).float()) / 2
-
-    logits = pair(x)
-    if shift:
-        h, w = x.shape[2:]
-        padded = F.pad(x, (shift,) * 4, mode="reflect")
-        moved = [padded[:, :, :h, :w], padded[:, :, 2 * shift:, 2 * shift:]]
-        logits = logits / 2 + sum(pair(m.contiguous(memory_format=fmt)) for m in moved) / 4
-    return logits
-
-
-def eval_logits(model, x: torch.Tensor, tta: bool = False, tta_shift: int = 0) -> torch.Tensor:
-    """float logits of a batch, with the mirror (and shift) test-time augmentation when asked."""
-    return tta_logits(model, x, tta_shift) if tta else model(x).float()
-
-
-@torch.no_grad()
-def predict(model, loader, pipeline, accelerator, tta: bool = False, tta_shift: int = 0):
-    """Logits for every item of `loader` (an evaluation shard per process), gathered: (index, logits)."""
-    model.eval()
-    idx_parts, logit_parts = [], []
-    full = getattr(loader, "batch_size", None)
-    for x, _, idx in loader.batches():
-        x = pipeline(x)
-        with accelerator.autocast():
-            logits = eval_logits(for_batch(model, len(x), full), x, tta, tta_shift)
-        idx_parts.append(idx)
-        logit_parts.append(logits)
-    device = accelerator.device
-    idx = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.long, device=device)
-    logits = torch.cat(logit_parts) if logit_parts else torch.zeros(0, 0, device=device)
-    return gather_samples(accelerator, idx, logits)
-
-
-def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, k: int) -> float:
-    """Share of samples whose class is among the k highest logits (or is the top-1 prediction, so that
-    ties never make top-k lower than top-1)."""
-    hit = (logits.topk(k, dim=1).indices == targets[:, None]).any(1) | (preds == targets)
-    return hit.float().mean().item()
-
-
-def evaluate(model, loader, pipeline, accelerator, labels: torch.Tensor, tta: bool = False,
-             tta_shift: int = 0) -> Evaluation:
-    index, logits = predict(model, loader, pipeline, accelerator, tta, tta_shift)
-    targets = labels.cpu()[index]
-    loss = F.cross_entropy(logits, targets).item() if len(index) else float("nan")
-    preds = logits.argmax(1)
-    acc = (preds == targets).float().mean().item() if len(index) else float("nan")
-    top5 = top_k_accuracy(logits, targets, preds, 5) if len(index) and logits.shape[1] > 5 else None
-    return Evaluation(loss, acc, index, preds, targets, top5)
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Trainer:
-    """`Trainer(cfg, accelerator, parts, output_dir, reporters, stop).fit()`; checkpoint.restore_training
+    """`Trainer(spec, schedule, accelerator, parts, checkpointer, reporters, stop).fit()`; `resume_from`
     puts it back at a saved position before `fit`."""
 
-    def __init__(self, cfg, accelerator, parts: TrainParts, output_dir: Path, reporters, stop):
-        self.cfg, self.acc = cfg, accelerator
-        self.model, self.raw, self.opt = parts.model, parts.raw, parts.optimizer
+    def __init__(self, spec: LoopSpec, schedule: ScheduleSpec, accelerator, parts: TrainParts,
+                 checkpointer: Checkpointer, reporters, stop):
+        self.spec, self.acc = spec, accelerator
+        self.model, self.module, self.opt = parts.model, parts.module, parts.optimizer
         self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
-        self.train_pipe, self.eval_pipe = parts.train_pipe, parts.eval_pipe
-        self.val_labels, self.meta = parts.val_labels, parts.meta
-        self.out, self.report, self.stop = Path(output_dir), reporters, stop
+        self.train_pipe, self.eval_pipe, self.val_labels = parts.train_pipe, parts.eval_pipe, parts.val_labels
+        self.checkpoints, self.report, self.stop = checkpointer, reporters, stop
         self.state = TrainState()
-        self.ema = WeightAverage(self.raw, cfg.ema, cfg.lookahead) if cfg.ema else None
+        self.ema = WeightAverage(self.module, spec.ema, spec.lookahead) if spec.ema else None
         # evaluation runs the module beneath DDP (no collective in its forward, so a process with an empty
         # validation shard makes the same calls as the others), after its buffers are made rank 0's
-        self.eval_module = self.ema.module if self.ema is not None else self.raw
+        self.eval_module = self.ema.module if self.ema is not None else self.module
         self.eval_model = parts.compile(self.eval_module) if parts.compile else self.eval_module
         self.scaler = accelerator.scaler  # fp16's GradScaler, or None
-        self.rng = BatchRNG(accelerator.device, cfg.seed, accelerator.process_index)
-        self.steps_per_epoch = -(-len(self.train_loader) // cfg.grad_accum)
-        total = cfg.epochs * self.steps_per_epoch
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
-        self.schedule = LRSchedule(self.opt, ScheduleSpec.from_config(cfg), self.steps_per_epoch, self.total_steps)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.rng = BatchRNG(accelerator.device, spec.seed, accelerator.process_index)
+        self.steps_per_epoch = -(-len(self.train_loader) // spec.grad_accum)
+        total = spec.epochs * self.steps_per_epoch
+        self.total_steps = min(total, spec.max_steps) if spec.max_steps is not None else total
+        self.schedule = LRSchedule(self.opt, schedule, self.steps_per_epoch, self.total_steps)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
         self.clock = Clock()
-        self.save_interval = cfg.save_every_minutes * 60 if cfg.save_every_minutes else None
-        self.last_save = time.monotonic()
-        self.last_good = None       # (path, epoch, step, batch_in_epoch) of the last checkpoint written or resumed
+
+    # ---- the state of a run ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The training position: weights (the average's as "model" with --ema), optimiser, schedule,
+        scaler, counters, the epoch's sums and the RNG; see dtrain.checkpoint for the keys."""
+        s, ema = self.state, self.ema
+        state = {"model": self.eval_module.state_dict(), "optimizer": self.opt.state_dict(),
+                 "scheduler": self.schedule.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "epoch": s.epoch, "step": s.step, "batch_in_epoch": s.batch_in_epoch, "best_acc": s.best_acc,
+                 "best_step": s.best_step, "epoch_sums": s.meter.to_list(), "epoch_seconds": s.epoch_seconds,
+                 "rng": rng_state()}
+        if ema is not None:
+            state["train_model"] = self.module.state_dict()
+            state["ema_n"] = int(ema.n_averaged.item())
+        return state
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Put the Trainer back at the position `state_dict` saved. The optimiser keeps this run's settings
+        (momentum, weight decay, ...: the settings a resumed run may change) and takes the checkpoint's state."""
+        try:
+            self.module.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint's weights do not fit this model: {str(e).strip().splitlines()[0]}; "
+                            f"resume with the settings it was trained with, or start a fresh run") from None
+        if self.ema is not None:
+            self.ema.load_count(ckpt.get("ema_n", 1))
+        self._load_optimizer(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        s = self.state
+        s.epoch, s.step, s.batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
+        s.best_acc, s.best_step = ckpt["best_acc"], ckpt.get("best_step")
+        s.epoch_seconds = ckpt.get("epoch_seconds", 0.0)
+        if s.batch_in_epoch and self.acc.is_main_process:  # the partial epoch's sums: held by one process
+            s.meter.load(ckpt["epoch_sums"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+
+    def _load_optimizer(self, state: dict) -> None:
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        try:
+            self.opt.load_state_dict(state)
+        except ValueError as e:  # parameter groups of other sizes
+            raise UserError(f"the checkpoint's optimiser state does not fit this run's: {e}; resume with the "
+                            f"settings it was trained with, or start a fresh run") from None
+        for group, mine in zip(self.opt.param_groups, settings):
+            group.update(mine)
+
+    def resume_from(self, resume) -> None:
+        """Continue from a dtrain.resume.Resume: its state, and the checkpointer's record of it (best.pt
+        repaired where a stop fell between the two writes)."""
+        self.load_state_dict(resume.checkpoint)
+        if self.checkpoints.resumed(resume.path, resume.checkpoint):
+            self.report.message(f"{self.checkpoints.best} was older than the best state {resume.path} records "
+                                f"(a stop between the two writes): rewritten from {resume.path}")
 
     def save(self, best: bool = False) -> None:
-        """The main process writes last.pt, then copies it to best.pt (the order dtrain.checkpoint explains);
-        every process calls this together, and every one raises an error the main process's write met
-        (a UserError) or TrainingDiverged when the weights are not finite (nothing is written then)."""
+        """Every process together: last.pt (and best.pt); TrainingDiverged when the weights are not finite
+        (nothing is written then), a UserError the main process's write met on every process."""
         s = self.state
-        if not run_on_main(self.acc, lambda: self._write(best)):
+        if not self.checkpoints.save(self.state_dict, s.position, best=best):
             raise self.diverged(f"the weights became NaN or infinite by step {s.step} (epoch "
                                 f"{s.epoch + (s.batch_in_epoch > 0)})")
-        self.last_good = (self.out / "last.pt", s.epoch, s.step, s.batch_in_epoch)
-        self.last_save = time.monotonic()
-
-    def _write(self, best: bool) -> bool:
-        state = training_state(self)
-        if not all_finite(state["model"], state.get("train_model"), state["optimizer"]):
-            return False
-        save_checkpoint(self.out / "last.pt", {**self.meta, **state})
-        if best:
-            atomic_write(self.out / "best.pt", lambda f: shutil.copyfileobj(open(self.out / "last.pt", "rb"), f))
-        return True
-
-    def position(self, epoch: int, step: int, batch_in_epoch: int) -> str:
-        if not batch_in_epoch:
-            return f"end of epoch {epoch}, step {step}"
-        return f"epoch {epoch + 1}, batch {batch_in_epoch}/{len(self.train_loader)}, step {step}"
 
     def diverged(self, what: str) -> TrainingDiverged:
         """The error that ends a diverged run: what happened, what is kept, what to change."""
         self.report.end_epoch()
-        if self.last_good is None:
+        good = self.checkpoints.last_good
+        if good is None:
             kept = "no checkpoint was saved before it, so there is nothing to resume"
         else:
-            path, epoch, step, batch = self.last_good
-            kept = f"the last good checkpoint is {path} ({self.position(epoch, step, batch)})"
+            kept = f"the last good checkpoint is {good.path} ({good.where(len(self.train_loader))})"
         return TrainingDiverged(f"{what}: stopped without saving; {kept}; lower --lr, add --grad-clip, or warm up "
                                 f"(--warmup-epochs)")
 
     def reduced_sums(self, meter: EpochMeter) -> EpochMeter:
         """The epoch's sums over all processes (every process calls this together); a non-finite loss sum
-        is a divergence."""
+        (or under fp16 a collapsed scale) is a divergence."""
         total = meter.reduced(self.acc)
         if not math.isfinite(total.to_list()[0]) or self.scale_collapsed():
             s = self.state
@@ -313,23 +307,23 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------------
     def train_step(self, x, y, sync: bool):
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
-        model = for_batch(self.model, len(x), self.train_loader.batch_size)
+        model = module_for(self.model, len(x), self.train_loader.batch_size)
         with ctx:
-            loss, logits = training_loss(self.raw, model(x), y, self.criterion)
-            self.acc.backward(loss / self.cfg.grad_accum)
+            loss, logits = training_loss(self.module, model(x), y, self.criterion)
+            self.acc.backward(loss / self.spec.grad_accum)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step, schedule, average. Under fp16's GradScaler returns whether the scaler skipped the
         step (a device tensor: the scale went down, which it does only on inf/NaN gradients), else None."""
         scale = self.scaler._scale.clone() if self.scaler is not None else None  # no sync: get_scale() would
-        if self.cfg.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.spec.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.schedule.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.raw, (self.state.step + 1) / self.total_steps)
+            self.ema.update_parameters(self.module, (self.state.step + 1) / self.total_steps)
         self.state.step += 1
         return None if scale is None else self.scaler._scale < scale
 
@@ -338,8 +332,8 @@ class Trainer:
         the loss stays non-finite). Reads the scale: call it where the loop synchronises anyway."""
         return self.scaler is not None and self.scaler.get_scale() < MIN_SCALE
 
-    def end_accumulation(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float,
-                         meter: EpochMeter):
+    def finish_step(self, epoch: int, b: int, nb: int, loss: torch.Tensor, batch_started: float,
+                    meter: EpochMeter):
         """The optimiser step after the last micro-batch of an accumulation, its timing and log line;
         returns what all processes agree on (preempt.Agreement: a stop signal, a timed save), or raises
         TrainingDiverged when the loss a log step read was not finite on any process (under fp16's
@@ -353,15 +347,13 @@ class Trainer:
             self._sync()
             self.clock.first_step_done(batch_started)
         diverged = False
-        if s.step % self.cfg.log_every == 0 or s.batch_in_epoch == nb:
+        if s.step % self.spec.log_every == 0 or s.batch_in_epoch == nb:
             loss_value = loss.item()
             diverged = not math.isfinite(loss_value) and (self.scaler is None or self.scale_collapsed())
             self.report.step(s.step, {"loss": loss_value, "lr": self.schedule.lr, "batch": b + 1,
                                       "epoch": epoch + 1,
                                       "images_per_second": self.clock.images_per_second(self.acc.num_processes)})
-        save_due = (self.save_interval is not None and self.acc.is_main_process
-                    and time.monotonic() - self.last_save >= self.save_interval)
-        return self.acted_on(self.stop.exchange(diverged=diverged, save_due=save_due))
+        return self.acted_on(self.stop.exchange(diverged=diverged, save_due=self.checkpoints.due()))
 
     def acted_on(self, agreed):
         """The agreement, after raising TrainingDiverged when it says the loss diverged."""
@@ -375,13 +367,13 @@ class Trainer:
         """Compile the evaluation graph before the clock runs: one forward of a validation batch in eval
         mode, no gradients (no state changes: BatchNorm uses its running statistics)."""
         model = self.eval_model
-        if eager(model) is model or not len(self.val_loader):
+        if not len(self.val_loader):
             return
         x = next(iter(self.val_loader.batches()))[0]
-        if for_batch(model, len(x), getattr(self.val_loader, "batch_size", None)) is model:
+        if module_for(model, len(x), getattr(self.val_loader, "batch_size", None)) is model:
             model.eval()
             with self.acc.autocast():
-                eval_logits(model, self.eval_pipe(x), self.cfg.tta, self.cfg.tta_shift)
+                eval_logits(model, self.eval_pipe(x), self.spec.tta, self.spec.tta_shift)
         self.model.train()
 
     def _sync(self) -> None:
@@ -392,12 +384,12 @@ class Trainer:
     def fit(self) -> dict:
         s = self.state
         self.clock = Clock()
-        self.last_save = time.monotonic()
+        self.checkpoints.restart_clock()
         stopped_by, last_eval = 0, None
         if eager(self.eval_model) is not self.eval_model:
             self.warm_up_eval()
         try:
-            while s.epoch < self.cfg.epochs and s.step < self.total_steps:
+            while s.epoch < self.spec.epochs and s.step < self.total_steps:
                 stopped_by = self.train_epoch()
                 if stopped_by:
                     self.leave_on_signal(stopped_by)
@@ -410,15 +402,16 @@ class Trainer:
         summary = {"steps": s.step, "epochs": s.epoch, "best_acc": s.best_acc, "stopped_by_signal": stopped_by,
                    "train_seconds": elapsed, "first_step_seconds": self.clock.first_step_seconds,
                    "warmup_seconds": self.clock.warmup_seconds,
-                   "steady_seconds": elapsed - (self.clock.warmup_seconds or 0.0), "output_dir": str(self.out)}
+                   "steady_seconds": elapsed - (self.clock.warmup_seconds or 0.0),
+                   "output_dir": str(self.checkpoints.out)}
         if not stopped_by:
             self.report.end(summary, last_eval)
         return summary
 
     def train_epoch(self) -> int:
         """Train from the saved position to the end of the epoch, --max-steps or a stop signal (returned)."""
-        s, cfg, epoch, nb = self.state, self.cfg, self.state.epoch, len(self.train_loader)
-        self.report.begin_epoch(epoch + 1, cfg.epochs, nb, s.batch_in_epoch)
+        s, spec, epoch, nb = self.state, self.spec, self.state.epoch, len(self.train_loader)
+        self.report.begin_epoch(epoch + 1, spec.epochs, nb, s.batch_in_epoch)
         self.model.train()
         meter = s.meter.to(self.acc.device)
         stopped_by, seconds_before, t0 = 0, s.epoch_seconds, time.perf_counter()
@@ -426,12 +419,12 @@ class Trainer:
         for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
             batch_started = time.perf_counter()
             x = self.train_pipe(x, self.rng.batch(epoch, b))
-            sync = (b + 1) % cfg.grad_accum == 0 or b + 1 == nb
+            sync = (b + 1) % spec.grad_accum == 0 or b + 1 == nb
             loss, correct = self.train_step(x, y, sync)
             meter.add(loss, correct, len(y), finite_only=self.scaler is not None)
             self.clock.window_images += len(y)
             if sync:
-                agreed = self.end_accumulation(epoch, b, nb, loss, batch_started, meter)
+                agreed = self.finish_step(epoch, b, nb, loss, batch_started, meter)
                 stopped_by = agreed.signum
                 if stopped_by or s.step >= self.total_steps:
                     break
@@ -456,29 +449,30 @@ class Trainer:
         s.meter = self.reduced_sums(s.meter)
         self.report.end_epoch()
         self.save()
+        out = self.checkpoints.out
         self.report.message(f"stopped by signal {signal} at step {s.step} (epoch {s.epoch + 1}, batch "
-                            f"{s.batch_in_epoch}/{len(self.train_loader)}); {self.out / 'last.pt'} saved, continue "
-                            f"with --resume auto --output-dir {self.out}")
+                            f"{s.batch_in_epoch}/{len(self.train_loader)}); {self.checkpoints.last} saved, "
+                            f"continue with --resume auto --output-dir {out}")
 
     def end_epoch(self) -> Evaluation | None:
-        cfg, s = self.cfg, self.state
+        spec, s = self.spec, self.state
         epoch, finished = s.epoch, s.batch_in_epoch >= len(self.train_loader)
         total = self.reduced_sums(s.meter)
-        last = s.epoch + 1 >= cfg.epochs or s.step >= self.total_steps
+        last = s.epoch + 1 >= spec.epochs or s.step >= self.total_steps
         ev = None
         t_eval = time.perf_counter()
-        if (epoch + 1) % cfg.eval_every == 0 or last:
+        if (epoch + 1) % spec.eval_every == 0 or last:
             sync_buffers(self.acc, self.eval_module)  # BatchNorm statistics (EMA's too): rank 0's, as saved
-            ev = evaluate(self.eval_model, self.val_loader, self.eval_pipe, self.acc, self.val_labels, cfg.tta,
-                          cfg.tta_shift)
-        row = {"epoch": epoch + 1, "step": s.step, "train_loss": total.mean_loss, "train_acc": total.accuracy,
-               "val_loss": ev.loss if ev else None, "val_acc": ev.acc if ev else None,
-               "val_top5": ev.top5 if ev else None, "lr": self.schedule.lr,
-               "epoch_seconds": s.epoch_seconds, "eval_seconds": time.perf_counter() - t_eval,
-               "images_per_second": total.count / s.epoch_seconds if s.epoch_seconds else None,
-               "train_samples": total.count, "val_samples": len(ev.index) if ev else None,
-               "skipped_steps": total.skipped if self.scaler is not None else None,
-               "elapsed_seconds": self.clock.elapsed(), "warmup_seconds": self.clock.warmup_seconds}
+            ev = evaluate(self.eval_model, self.val_loader, self.eval_pipe, self.acc, self.val_labels,
+                          tta=spec.tta, tta_shift=spec.tta_shift)
+        row = epoch_row(epoch=epoch + 1, step=s.step, train_loss=total.mean_loss, train_acc=total.accuracy,
+                        val_loss=ev.loss if ev else None, val_acc=ev.acc if ev else None,
+                        val_top5=ev.top5 if ev else None, lr=self.schedule.lr, epoch_seconds=s.epoch_seconds,
+                        eval_seconds=time.perf_counter() - t_eval,
+                        images_per_second=total.count / s.epoch_seconds if s.epoch_seconds else None,
+                        train_samples=total.count, val_samples=len(ev.index) if ev else None,
+                        skipped_steps=total.skipped if self.scaler is not None else None,
+                        elapsed_seconds=self.clock.elapsed(), warmup_seconds=self.clock.warmup_seconds)
         self.schedule.end_epoch(row)
         best = ev is not None and (s.best_acc is None or ev.acc > s.best_acc)
         if best:
@@ -489,6 +483,6 @@ class Trainer:
             s.meter, s.epoch_seconds = EpochMeter(), 0.0
         else:  # stopped mid-epoch by --max-steps: a resumed run completes this epoch's figures
             s.meter = total
-        if best or last or not finished or (epoch + 1) % cfg.save_every == 0:
+        if best or last or not finished or (epoch + 1) % spec.save_every == 0:
             self.save(best=best)
         return ev

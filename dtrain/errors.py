@@ -1,37 +1,52 @@
-"""Errors a user can fix, and how the entry points report them.
+"""Errors a user can fix, and how every command ends.
 
 Exit codes: 0 done (also after a stop signal, with last.pt saved); 2 a UserError (a bad setting, input or
-folder; nothing trained, or the last checkpoint kept); 3 TrainingDiverged (the loss or the weights became
-NaN or infinite; the last good checkpoint kept); 4 a lost or frozen peer process (distributed.EXIT_PEER_LOST).
+folder; nothing trained, or the last checkpoint kept), also a second Ctrl-C; 3 TrainingDiverged (the loss
+or the weights became NaN or infinite; the last good checkpoint kept); 4 a lost or frozen peer process.
 """
 import sys
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_PEER_LOST = 4
 
 
 class UserError(Exception):
-    """A problem the user can fix; main/predict print the message without a traceback."""
+    """A problem the user can fix; the command prints the message without a traceback."""
 
 
 class TrainingDiverged(Exception):
     """The training loss or the weights became non-finite: the run stopped without saving them."""
 
 
-def run_cli(run, argv=None) -> None:
-    """Run an entry point: a UserError (or Ctrl-C) ends it with one line on stderr and exit status 2, a
-    TrainingDiverged with one line and exit status 3."""
+def run_command(run, argv=None) -> None:
+    """Run a command's `run(argv)` (train, predict, summarize, export) and end it the dtrain way: a UserError
+    (or Ctrl-C) with one line on stderr and exit status 2, a TrainingDiverged with one line and 3, a
+    collective that failed on a lost or frozen peer with one line naming it and 4. Whichever way it ends,
+    the process groups it made are left first (dtrain.distributed, when the command used it)."""
     try:
         run(argv)
+        return
     except UserError as e:
         message, status = str(e), EXIT_USER_ERROR
     except TrainingDiverged as e:
         message, status = str(e), EXIT_DIVERGED
     except KeyboardInterrupt:
         message, status = "interrupted", EXIT_USER_ERROR
-    else:
-        return
+    except RuntimeError as e:
+        message, status = _lost_peer(e), EXIT_PEER_LOST
+        if message is None:
+            raise
+    finally:
+        distributed = sys.modules.get("dtrain.distributed")  # loaded only by commands that run processes
+        if distributed is not None:
+            distributed.leave_process_groups()
     # one write: a job's processes share stderr, and a newline written apart lets their lines run together
     sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     sys.exit(status)
+
+
+def _lost_peer(error: RuntimeError) -> str | None:
+    distributed = sys.modules.get("dtrain.distributed")
+    return None if distributed is None else distributed.lost_peer_line(error)

@@ -6,8 +6,8 @@
 
 safetensors: the checkpoint's deployable weights (its "model" entry: the EMA weights where the run kept
 them) and, in the file's metadata (strings), the format marker and each of arch, arch_args, num_classes,
-in_channels, image_size, classes, mean, std and config as JSON. `load_safetensors` reads it back into the
-dict shape a .pt checkpoint loads to, so prediction works the same from either.
+in_channels, image_size, classes, mean, std and config as JSON (dtrain.checkpoint writes and reads that
+format: prediction works the same from either file).
 
 ONNX: input "images", float32 NCHW in [0, 1] (torchvision's ToTensor convention) with a dynamic batch
 axis; the dataset normalisation is inside the graph; output "logits". At export onnxruntime runs the graph
@@ -20,60 +20,21 @@ first and renamed into place, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from dtrain.checkpoint import FORMAT, MODEL_KEYS, VERSION, check_model_meta
-from dtrain.errors import UserError
+from dtrain.checkpoint import load_checkpoint, safetensors_bytes
+from dtrain.errors import UserError, run_command
+from dtrain.files import write_bytes
+from dtrain.models import model_from_checkpoint
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx"}
-META_KEYS = [k for k in MODEL_KEYS if k != "model"] + ["config"]
 TOLERANCE = 1e-3
 INSTALL_HINT = 'ONNX export needs onnx, onnxscript and onnxruntime: pip install -e ".[export]"'
-
-
-# ---- safetensors --------------------------------------------------------------------------------------
-
-def safetensors_bytes(ckpt: dict) -> bytes:
-    """The checkpoint's model weights and metadata as a .safetensors file's bytes."""
-    from safetensors.torch import save
-    from dtrain.models.state import strip_prefixes
-    # each tensor its own contiguous copy: safetensors refuses tensors that share memory
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in strip_prefixes(ckpt["model"]).items()}
-    metadata = {"format": FORMAT, "version": str(VERSION)}
-    metadata.update({k: json.dumps(ckpt.get(k)) for k in META_KEYS})
-    return save(tensors, metadata)
-
-
-def load_safetensors(path: str | os.PathLike) -> dict:
-    """A .safetensors file written by `dtrain export`, as the dict `load_checkpoint` gives for a .pt
-    (the model metadata keys, "config", and "model": the state dict); any problem is a UserError."""
-    from safetensors import SafetensorError, safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: give a .safetensors file written by dtrain export")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read as safetensors (truncated or not a safetensors file): "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path} holds weights without dtrain's metadata; export it with dtrain export")
-    missing = [k for k in META_KEYS if k not in metadata]
-    if missing:
-        raise UserError(f"{path} is incomplete: its metadata lacks {', '.join(missing)}")
-    try:
-        meta = {k: json.loads(metadata[k]) for k in META_KEYS}
-        version = json.loads(metadata.get("version", "0"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} has damaged metadata: {e}") from None
-    return check_model_meta({"format": FORMAT, "version": version, **meta, "model": state}, path)
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------------
@@ -110,8 +71,6 @@ def onnx_session(path: str | os.PathLike):
 def write_onnx(ckpt: dict, path: Path, batch: int = 8) -> float:
     """Export the checkpoint's model to ONNX at `path` and check it with onnxruntime; the max abs
     difference of the logits against torch's. Nothing is written when the check fails."""
-    import warnings
-    from dtrain.models import model_from_checkpoint
     onnx_modules()
     size, channels = int(ckpt["image_size"]), int(ckpt["in_channels"])
     wrapped = Normalized(model_from_checkpoint(ckpt), ckpt["mean"], ckpt["std"]).eval()
@@ -169,7 +128,6 @@ def output_path(args) -> Path:
 
 
 def run(argv=None) -> dict:
-    from dtrain.checkpoint import atomic_write, load_checkpoint
     args = build_parser().parse_args(argv)
     path = output_path(args)
     if args.format == "onnx":
@@ -179,7 +137,7 @@ def run(argv=None) -> dict:
     try:
         if args.format == "safetensors":
             data = safetensors_bytes(ckpt)
-            atomic_write(path, lambda f: f.write(data), remedy="pass another --output")
+            write_bytes(path, data, remedy="pass another --output")
             print(f"wrote {path} ({len(data) / 2**20:,.1f} MiB): {ckpt['arch']} weights with dtrain's metadata; "
                   f"dtrain predict --checkpoint {path} uses it like {args.checkpoint}")
         else:
@@ -195,8 +153,7 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> None:
-    from dtrain.errors import run_cli
-    run_cli(run, argv)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,18 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _default(action: argparse.Action) -> str:
+def _default(action: argparse.Action, defaults: dict | None) -> str:
     if action.required:
         return "(required)"
-    if action.default is None or action.default is argparse.SUPPRESS:
+    default = defaults.get(action.dest) if defaults is not None else action.default
+    if default is None or default is argparse.SUPPRESS:
         return ""
-    return f"`{action.default}`"
+    return f"`{default}`"
 
 
-def argparse_markdown(parser: argparse.ArgumentParser) -> str:
-    """One row per argument (help and sub-command entries left out): flag, default, what it does."""
+def argparse_markdown(parser: argparse.ArgumentParser, defaults: dict | None = None) -> str:
+    """One row per argument (help and sub-command entries left out): flag, default, what it does.
+    `defaults` (dest -> value) replaces the parser's own, for a parser whose defaults are SUPPRESS."""
     rows = ["| flag | default | what |", "| --- | --- | --- |"]
     for action in parser._actions:
         if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
@@ -32,7 +34,7 @@ def argparse_markdown(parser: argparse.ArgumentParser) -> str:
         what = (action.help or "") % {**vars(action), "prog": parser.prog} if action.help else ""
         if action.choices and not isinstance(action, argparse.BooleanOptionalAction):
             what += " (" + " | ".join(str(c) for c in action.choices) + ")"
-        rows.append(f"| `{name}` | {_default(action)} | {_cell(what)} |")
+        rows.append(f"| `{name}` | {_default(action, defaults)} | {_cell(what)} |")
     return "\n".join(rows)
 
 

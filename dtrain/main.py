@@ -6,7 +6,8 @@
     accelerate launch --multi_gpu --num_processes 8 dtrain/main.py --arch googlenet --epochs 100
     python dtrain/main.py --arch cnn --dataset fake --epochs 1          # one process, also fine
 
-`run` reads top to bottom: arguments -> Config -> accelerator -> data -> model -> trainer -> fit.
+`run` reads top to bottom: settings -> processes -> the output folder -> what to resume -> data -> model
+-> trainer -> fit.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ if __name__ == "__main__" and sys.path[0] == _HERE:
     # checkout's root there instead.
     sys.path[0] = os.path.dirname(_HERE)
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,24 +31,25 @@ from typing import Any
 
 import torch
 
-from dtrain import compiled
-from dtrain import config as config_mod
+from dtrain import compiled, settings
+from dtrain.checkpoint import data_fingerprint, model_meta
+from dtrain.checkpointer import Checkpointer
 from dtrain.compiled import CompileSpec
-from dtrain.checkpoint import (atomic_write, check_resumable, data_fingerprint, find_resume, make_output_dir,
-                               model_meta, remove_stale_temp_files, restore_training)
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
-from dtrain.distributed import (broadcast, check_sync_bn, leaving_gloo_groups, make_accelerator, on_every_process,
-                                on_main_first, process_batch_sizes, run_on_main, stop_on_lost_peer)
-from dtrain.engine import Trainer, TrainParts
-from dtrain.errors import TrainingDiverged, UserError
-from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data, list_archs
-from dtrain.optim import OptimSpec, build_optimizer
+from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_every_process, on_main_first,
+                                process_batch_sizes, run_on_main)
+from dtrain.engine import LoopSpec, Trainer, TrainParts
+from dtrain.errors import TrainingDiverged, UserError, run_command
+from dtrain.files import make_folder, remove_stale_temp_files, write_text
+from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data
+from dtrain.optim import OptimSpec, ScheduleSpec, build_optimizer
 from dtrain.preempt import StopSignal
 from dtrain.report.build import make_reporters
+from dtrain.resume import Resume
 from dtrain.rundir import default_output_dir, open_output_dir, remember_failure
-from dtrain.sweep import listing, run_name
+from dtrain.sweep import run_name
 
 
 def run_output_dir(cfg) -> Path:
@@ -66,7 +69,7 @@ def claimed_output_dir(acc, out: Path, resume: str | None):
     held = []
 
     def claim():
-        make_output_dir(out)
+        make_folder(out)
         lock, use = open_output_dir(out, resume)
         held.append(lock)
         remove_stale_temp_files(out)
@@ -84,22 +87,6 @@ def claimed_output_dir(acc, out: Path, resume: str | None):
             lock.release()
 
 
-def parse_config(argv):
-    """The run's Config, or None when the arguments only asked for a listing (printed here)."""
-    parser = config_mod.build_parser()
-    ns = parser.parse_args(argv)
-    if getattr(ns, "list_archs", False):
-        print("\n".join(list_archs()))
-        return None
-    if getattr(ns, "list_recipes", False):
-        print("\n".join(config_mod.list_recipes()))
-        return None
-    if getattr(ns, "sweep_list", False):
-        print(listing(getattr(ns, "sweep", [])))
-        return None
-    return config_mod.build_config(argv, parser)
-
-
 @dataclass
 class Data:
     train_set: Any
@@ -113,30 +100,40 @@ class Data:
     eval_pipe: Pipeline
 
 
-def build_data(cfg, acc, batch: int, eval_batch: int, ckpt) -> Data:
+def build_data(cfg, acc, batch: int, eval_batch: int, resume: Resume | None) -> Data:
     train_set, val_set = on_main_first(acc, lambda: load_dataset(cfg))
-    if ckpt is not None:  # the normalisation a run started with stays, whatever the data now says
-        mean, std = tuple(ckpt["mean"]), tuple(ckpt["std"])
+    if resume is not None:
+        mean, std = resume.normalisation
     else:
         mean, std = broadcast(acc, stats.resolve(cfg.normalize, train_set) if acc.is_main_process else None)
     kind = choose_loader(cfg.loader, train_set, val_set)
-    world, rank, device = acc.num_processes, acc.process_index, acc.device
+    shard = dict(device=acc.device, rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
+                 workers=cfg.workers)
     return Data(train_set, val_set, mean, std, kind,
-                make_loader(train_set, kind, device, batch, rank, world, cfg.seed, True, cfg.workers),
-                make_loader(val_set, kind, device, eval_batch, rank, world, cfg.seed, False, cfg.workers),
-                Pipeline(AugmentSpec.from_config(cfg), mean, std, device, cfg.channels_last),
-                Pipeline(AugmentSpec(), mean, std, device, cfg.channels_last))
+                train_loader=make_loader(train_set, kind, batch_size=batch, train=True, **shard),
+                val_loader=make_loader(val_set, kind, batch_size=eval_batch, train=False, **shard),
+                train_pipe=Pipeline(AugmentSpec.from_config(cfg), mean, std, acc.device, cfg.channels_last),
+                eval_pipe=Pipeline(AugmentSpec(), mean, std, acc.device, cfg.channels_last))
 
 
 def first_images(cfg, data: Data, n: int) -> torch.Tensor:
     """The first n training images, normalised, on the CPU."""
-    loader = make_loader(data.train_set, data.kind, torch.device("cpu"), n, 0, 1, cfg.seed, False, cfg.workers)
+    loader = make_loader(data.train_set, data.kind, device=torch.device("cpu"), batch_size=n, rank=0, world=1,
+                         seed=cfg.seed, train=False, workers=cfg.workers)
     return Pipeline(AugmentSpec(), data.mean, data.std, "cpu")(next(iter(loader.batches()))[0])
 
 
-def build_training_model(cfg, acc, meta: dict, data: Data, fresh: bool, compile_spec: CompileSpec | None):
-    """(model, raw, optimizer): the model of `meta` initialised (from the data on a fresh run, when it
-    asks), converted (SyncBN, channels_last), on the device, prepared by accelerate and compiled; raw is
+def describe_model(cfg, data: Data) -> dict:
+    """What a checkpoint holds besides the weights: the model, its input and the data's fingerprint."""
+    train_set = data.train_set
+    return model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
+                      in_channels=train_set.channels, image_size=train_set.size, mean=data.mean, std=data.std,
+                      data=data_fingerprint(cfg.dataset, train_set.labels))
+
+
+def build_training_model(cfg, acc, meta: dict, data: Data, *, fresh: bool, compile_spec: CompileSpec | None):
+    """(model, module, optimizer): the model of `meta` initialised (from the data on a fresh run, when it
+    asks), converted (SyncBN, channels_last), on the device, prepared by accelerate and compiled; module is
     the module beneath DDP / compile."""
     model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"],
                         pretrained=cfg.pretrained, weights=cfg.weights, **meta["arch_args"])
@@ -146,20 +143,20 @@ def build_training_model(cfg, acc, meta: dict, data: Data, fresh: bool, compile_
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    raw = model.to(acc.device)
-    optimizer = build_optimizer(OptimSpec.from_config(cfg), raw, acc.device)
-    model, optimizer = acc.prepare(raw, optimizer)
+    module = model.to(acc.device)
+    optimizer = build_optimizer(OptimSpec.from_config(cfg), module, acc.device)
+    model, optimizer = acc.prepare(module, optimizer)
     if compile_spec is not None:
         compiled.before_compile(acc.num_processes)
         compiled.start_workers()
         model = compiled.compile_module(model, compile_spec)
-    return model, raw, optimizer
+    return model, module, optimizer
 
 
-def run_info(acc, data: Data, raw, batch: int, out: Path, compile_spec: CompileSpec | None) -> dict:
+def run_info(acc, data: Data, module, batch: int, out: Path, compile_spec: CompileSpec | None) -> dict:
     """What the reporters print and log at the start."""
     return {"train_size": len(data.train_set), "val_size": len(data.val_set),
-            "num_classes": len(data.train_set.classes), "parameters": count_parameters(raw),
+            "num_classes": len(data.train_set.classes), "parameters": count_parameters(module),
             "world_size": acc.num_processes, "rank": acc.process_index,
             "distributed_type": str(acc.distributed_type).split(".")[-1], "device": str(acc.device),
             "per_process_batch": batch, "precision": acc.mixed_precision, "output_dir": str(out),
@@ -168,7 +165,7 @@ def run_info(acc, data: Data, raw, batch: int, out: Path, compile_spec: CompileS
 
 
 def run(argv=None) -> dict | None:
-    cfg = parse_config(argv)
+    cfg = settings.from_command_line(argv)
     if cfg is None:
         return None
     acc = make_accelerator(cfg.precision, cfg.dist_timeout, cfg.cpu)
@@ -177,34 +174,34 @@ def run(argv=None) -> dict | None:
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
     out = Path(broadcast(acc, str(run_output_dir(cfg))))
-    cfg.output_dir = str(out)
-    with claimed_output_dir(acc, out, cfg.resume) as cfg.resume:
-        resume_from, ckpt = find_resume(cfg, out)
+    with claimed_output_dir(acc, out, cfg.resume) as resume_mode:
+        cfg = dataclasses.replace(cfg, output_dir=str(out), resume=resume_mode)
+        resume = Resume.find(cfg, out)
 
-        data = build_data(cfg, acc, batch, eval_batch, ckpt)
-        train_set = data.train_set
-        meta = model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
-                          train_set.channels, train_set.size, data.mean, data.std,
-                          data_fingerprint(cfg.dataset, train_set.labels))
-        check_resumable(ckpt, meta, resume_from)
-        model, raw, optimizer = build_training_model(cfg, acc, meta, data, fresh=ckpt is None,
-                                                     compile_spec=compile_spec)
-
+        data = build_data(cfg, acc, batch, eval_batch, resume)
+        meta = describe_model(cfg, data)
+        if resume is not None:
+            resume.check_data(meta)
+        model, module, optimizer = build_training_model(cfg, acc, meta, data, fresh=resume is None,
+                                                        compile_spec=compile_spec)
         if acc.is_main_process:
-            atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
-        resumed_epoch = None if ckpt is None else ckpt["epoch"]
-        reporters = on_every_process(acc, lambda: make_reporters(cfg, out, resumed_epoch, acc.is_main_process))
+            write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+        reporters = on_every_process(acc, lambda: make_reporters(cfg, out, None if resume is None else resume.epoch,
+                                                                 acc.is_main_process))
         stop = StopSignal().install()
-        parts = TrainParts(model, raw, optimizer, data.train_loader, data.val_loader, data.train_pipe,
-                           data.eval_pipe, data.val_set.labels, meta,
+        parts = TrainParts(model=model, module=module, optimizer=optimizer, train_loader=data.train_loader,
+                           val_loader=data.val_loader, train_pipe=data.train_pipe, eval_pipe=data.eval_pipe,
+                           val_labels=data.val_set.labels,
                            compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None)
-        trainer = Trainer(cfg, acc, parts, out, reporters, stop)
-        if ckpt is not None:
-            restore_training(trainer, ckpt)
-            reporters.message(f"resumed from {resume_from} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+        trainer = Trainer(LoopSpec.from_config(cfg), ScheduleSpec.from_config(cfg), acc, parts,
+                          Checkpointer(out, acc, meta, cfg.save_every_minutes), reporters, stop)
+        if resume is not None:
+            trainer.resume_from(resume)
+            reporters.message(resume.describe())
         elif cfg.resume == "auto":
             reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
-        reporters.start(cfg, run_info(acc, data, raw, batch, out, compile_spec))
+        reporters.start(cfg, run_info(acc, data, module, batch, out, compile_spec))
         try:
             summary = trainer.fit()
         finally:
@@ -215,9 +212,7 @@ def run(argv=None) -> dict | None:
 
 
 def main(argv=None) -> None:
-    from dtrain.errors import run_cli
-    with leaving_gloo_groups(), stop_on_lost_peer():
-        run_cli(run, argv)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class ScheduleSpec:
                    tuple(cfg.milestones), cfg.gamma, cfg.plateau_monitor, cfg.plateau_patience, cfg.plateau_factor)
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, lr: float | None = None,
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, lr: float,
                  bias_lr_scale: float = 1.0) -> list[dict]:
     """Weight matrices/kernels in one group; 1-D parameters (biases, normalisation weights) in another
     when they get no weight decay or their own learning rate: `bias_lr_scale` multiplies their LR and
@@ -58,8 +58,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, l
             (decay if p.ndim > 1 else no_decay).append(p)
     vectors = {"params": no_decay, "weight_decay": weight_decay / bias_lr_scale if decay_norm_bias else 0.0}
     if bias_lr_scale != 1.0:
-        if lr is None:
-            raise ValueError("bias_lr_scale needs the base lr")
         vectors["lr"] = lr * bias_lr_scale
     return [{"params": decay, "weight_decay": weight_decay}, vectors]
 

@@ -20,6 +20,7 @@ if __name__ == "__main__" and sys.path[0] == _HERE:  # run as a file: import thi
 
 import argparse
 import csv
+import ctypes
 import dataclasses
 import io
 import time
@@ -27,10 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.table import Table
 
+from dtrain.checkpoint import load_checkpoint
 from dtrain.cli import command_name
 from dtrain.config import Config, config_from_dict
+from dtrain.data import cache, load_dataset
 from dtrain.data.augment import AugmentSpec, Pipeline
+from dtrain.data.decode import decode_image, default_workers
+from dtrain.data.kaggle import test_set
+from dtrain.data.loader import ArrayLoader, FileLoader, choose_loader
+from dtrain.distributed import first_error, make_accelerator, on_main_first, run_on_main
+from dtrain.errors import UserError, run_command
+from dtrain.files import write_text
+from dtrain.inference import eval_logits, predict_logits
+from dtrain.models import model_from_checkpoint
 from dtrain.report.console import MainConsole, ProgressBar
 
 
@@ -78,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The arguments, with every mistake that needs no file caught here."""
-    from dtrain.errors import UserError
     args = build_parser().parse_args(argv)
     if not args.checkpoint and not args.prepare:
         raise UserError("--checkpoint is required: give the best.pt or last.pt of a dtrain/main.py run")
@@ -106,7 +117,7 @@ def output_path(args) -> Path | None:
 # ---- the model ----------------------------------------------------------------------------------------
 
 @dataclass
-class Checkpointed:
+class LoadedModel:
     """What prediction takes from the checkpoint: the model, its input, its classes and how its run
     evaluated (TTA), with this command's overrides."""
     config: Config
@@ -120,33 +131,30 @@ class Checkpointed:
     tta_shift: int = 0
 
 
-def load_model(args, device) -> Checkpointed:
+def load_model(args, device) -> LoadedModel:
     """The checkpoint's model on `device` (defaults for --prepare without a checkpoint)."""
-    from dtrain.checkpoint import load_checkpoint
-    from dtrain.models import model_from_checkpoint
     if not args.checkpoint:
-        return Checkpointed(Config())
+        return LoadedModel(Config())
     ckpt = load_checkpoint(args.checkpoint)
     saved = config_from_dict(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else Config()
     tta = saved.tta if args.tta is None else args.tta
     tta_shift = args.tta_shift if args.tta_shift is not None else saved.tta_shift if tta else 0
     if tta_shift and not tta:
-        from dtrain.errors import UserError
         raise UserError("--tta-shift N needs --tta (the checkpoint's run evaluated without TTA)")
     fmt = torch.channels_last if saved.channels_last else torch.contiguous_format  # as the run trained
-    return Checkpointed(saved, ckpt["arch"], model_from_checkpoint(ckpt).to(device, memory_format=fmt).eval(),
+    return LoadedModel(saved, ckpt["arch"], model_from_checkpoint(ckpt).to(device, memory_format=fmt).eval(),
                         Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], device, saved.channels_last),
                         list(ckpt["classes"]),
                         int(ckpt["image_size"]), int(ckpt["in_channels"]), tta, tta_shift)
 
 
-def tta_words(m: Checkpointed) -> str:
+def tta_words(m: LoadedModel) -> str:
     if not m.tta:
         return ""
     return f", TTA (mirror, shift {m.tta_shift})" if m.tta_shift else ", TTA (mirror)"
 
 
-class _Tracked:
+class ShardProgress:
     """A loader whose batches advance a progress bar, and which ends its shard early (keeping the error)
     instead of raising, so that every process still reaches the gather and none waits forever.
 
@@ -159,7 +167,6 @@ class _Tracked:
         self.error: str | None = None
 
     def batches(self, *a):
-        from dtrain.errors import UserError
         yielded = False
         try:
             for x, y, idx in self.loader.batches(*a):
@@ -190,11 +197,8 @@ def _data_config(args, saved: Config, size: int) -> Config:
     return cfg
 
 
-def load_images(args, acc, console: MainConsole, m: Checkpointed):
+def load_images(args, acc, console: MainConsole, m: LoadedModel):
     """(ImageSet, labelled?, kaggle folder or None) for --dataset/--split."""
-    from dtrain.data import load_dataset
-    from dtrain.data.kaggle import test_set
-    from dtrain.distributed import on_main_first
     if args.dataset == "kaggle" and args.split == "test":
         warn = (lambda msg: console.print(f"[yellow]warning[/]: {msg}"))
         imageset = test_set(args.data_dir, m.size, m.channels, warn=warn)
@@ -205,7 +209,6 @@ def load_images(args, acc, console: MainConsole, m: Checkpointed):
     if not imageset.in_memory:
         imageset.channels = m.channels   # decoding converts to what the model takes (e.g. greyscale -> RGB)
     if imageset.channels != m.channels:
-        from dtrain.errors import UserError
         raise UserError(f"the checkpoint's model takes {m.channels}-channel images, {args.data_dir} has "
                         f"{imageset.channels}-channel ones")
     return imageset, True, None
@@ -215,8 +218,6 @@ def attach_cache(args, acc, console: MainConsole, imageset) -> Path | None:
     """Decoded images for a file-backed set: the main process finds or builds the cache, every process
     memory-maps it. Returns its path, or None when it cannot be written (then images are decoded as they
     are read)."""
-    from dtrain.data import cache
-    from dtrain.distributed import run_on_main
     root = Path(imageset.meta.get("root") or args.data_dir)
     name = f"{root.name}-{imageset.size}px" if args.dataset == "kaggle" else f"{args.dataset}-{args.split}"
     base = root.parent if args.dataset == "kaggle" else Path(args.data_dir)
@@ -236,7 +237,6 @@ def attach_cache(args, acc, console: MainConsole, imageset) -> Path | None:
         return None
     arr = cache.open_cache(cache.CacheFile(Path(path), (n, size, size, channels), ""))
     if arr is None:
-        from dtrain.errors import UserError
         raise UserError(f"the image cache {path} vanished while this run was starting; run again")
     imageset.images = torch.from_numpy(arr)
     return Path(path)
@@ -244,7 +244,6 @@ def attach_cache(args, acc, console: MainConsole, imageset) -> Path | None:
 
 def targets_in_checkpoint_classes(args, imageset, classes: list[str]) -> torch.Tensor:
     """The data's labels as indices into the checkpoint's class list."""
-    from dtrain.errors import UserError
     unknown = [c for c in imageset.classes if c not in classes]
     mapping = torch.tensor([classes.index(c) if c in classes else -1 for c in imageset.classes])
     targets = mapping[imageset.labels]
@@ -277,8 +276,7 @@ def csv_text(header: list[str], rows, terminator: str = "\n") -> str:
 
 
 def write_csv(path: Path, text: str) -> None:
-    from dtrain.checkpoint import atomic_write
-    atomic_write(path, lambda f: f.write(text.encode()), remedy="pass another --output")
+    write_text(path, text, remedy="pass another --output")
 
 
 def _row_ids(imageset, data_dir: str) -> list:
@@ -290,7 +288,6 @@ def _row_ids(imageset, data_dir: str) -> list:
 
 
 def report_accuracy(console: MainConsole, classes: list[str], preds: torch.Tensor, targets: torch.Tensor) -> dict:
-    from rich.table import Table
     acc = (preds == targets).float().mean().item()
     table = Table(title=None, box=None, pad_edge=False)
     for col, just in (("class", "left"), ("images", "right"), ("correct", "right"), ("accuracy", "right")):
@@ -316,7 +313,6 @@ def keep_freed_memory() -> None:
     (a 1024-image float batch is 12 MiB) is fresh memory whose pages fault in again, batch after batch; on
     a virtual machine that costs more than the normalisation itself (measured: 85,000 against 390,000
     cached images/s on 2 cores). A no-op where the C library is not glibc."""
-    import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
@@ -328,10 +324,7 @@ def keep_freed_memory() -> None:
 
 # ---- the modes ----------------------------------------------------------------------------------------
 
-def predict_images(args, console: MainConsole, m: Checkpointed) -> dict:
-    from dtrain.data.decode import decode_image
-    from dtrain.engine import eval_logits
-    from dtrain.errors import UserError
+def predict_images(args, console: MainConsole, m: LoadedModel) -> dict:
     arrays, bad = [], []
     for path in args.image:
         try:
@@ -355,13 +348,8 @@ def predict_images(args, console: MainConsole, m: Checkpointed) -> dict:
     return result
 
 
-def predict_set(args, acc, console: MainConsole, m: Checkpointed, imageset, cached: Path | None):
+def predict_set(args, acc, console: MainConsole, m: LoadedModel, imageset, cached: Path | None):
     """(predicted class per image, seconds): every process predicts its shard, the main process gets all."""
-    from dtrain.data.decode import default_workers
-    from dtrain.data.loader import ArrayLoader, FileLoader, choose_loader
-    from dtrain.distributed import first_error
-    from dtrain.engine import predict
-    from dtrain.errors import UserError
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     per_process = PER_PROCESS_BATCH if args.batch_size is None else -(-args.batch_size // world)
     if choose_loader("files", imageset) == "memory":
@@ -375,16 +363,16 @@ def predict_set(args, acc, console: MainConsole, m: Checkpointed, imageset, cach
                   f"from {source}; {world} process(es) ({str(acc.distributed_type).split('.')[-1]}, "
                   f"{device}), batch {per_process * world} ({per_process} per process), precision {acc.mixed_precision}" + tta_words(m))
     with console.progress("predicting", len(imageset)) as bar:
-        tracked = _Tracked(loader, bar if acc.is_main_process else None, world,
+        tracked = ShardProgress(loader, bar if acc.is_main_process else None, world,
                            (m.channels, imageset.size, imageset.size), device)
         t_pred = time.perf_counter()
-        index, logits = predict(m.model, tracked, m.pipeline, acc, tta=m.tta, tta_shift=m.tta_shift)
+        index, logits = predict_logits(m.model, tracked, m.pipeline, acc, tta=m.tta, tta_shift=m.tta_shift)
         seconds = time.perf_counter() - t_pred
     error = first_error(acc, tracked.error)
     if error is not None:
         raise UserError(f"{error} (no CSV written)")
     if len(index) != len(imageset) or (len(index) and not torch.equal(index, torch.arange(len(imageset)))):
-        raise UserError(f"internal error: {len(index)} predictions for {len(imageset)} images")
+        raise RuntimeError(f"internal error: {len(index)} predictions for {len(imageset)} images")
     return (logits.argmax(1) if len(index) else torch.zeros(0, dtype=torch.long)), seconds
 
 
@@ -407,7 +395,6 @@ def write_predictions(args, console: MainConsole, classes: list[str], imageset, 
 
 
 def run(argv=None) -> dict | None:
-    from dtrain.distributed import make_accelerator, run_on_main
 
     args = parse_args(argv)
     keep_freed_memory()
@@ -444,10 +431,7 @@ def run(argv=None) -> dict | None:
 
 
 def main(argv=None) -> None:
-    from dtrain.distributed import leaving_gloo_groups
-    from dtrain.errors import run_cli
-    with leaving_gloo_groups():
-        run_cli(run, argv)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -28,16 +28,7 @@ import torch
 import torch.distributed as dist
 
 from dtrain.distributed import cpu_group
-
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-
-def ignore_stop_signals(*_) -> None:
-    """For helper processes (DataLoader workers): leave stop signals sent to the whole process group to the
-    training process, which shuts its helpers down itself."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
+from dtrain.signals import SIGNALS, ignore_stop_signals
 
 class Agreement(NamedTuple):
     """What every process learns at a step boundary."""

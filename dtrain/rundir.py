@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 from dtrain.errors import TrainingDiverged, UserError
+from dtrain.files import make_folder, write_error, write_text
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -176,10 +177,7 @@ class RunLock:
                 "attempt": _attempt(self.env), "token": self.token}
 
     def acquire(self) -> "RunLock":
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the output folder {self.out}: {e.strerror}; pass another --output-dir")
+        make_folder(self.out)
         for _ in range(5):
             if self._create():
                 break
@@ -203,7 +201,7 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as e:
-            raise UserError(f"cannot create the lock file {self.path}: {e.strerror}; pass a writable --output-dir")
+            raise write_error(self.path, e) from None
         with os.fdopen(fd, "w") as f:
             json.dump(self._record(), f)
             f.flush()
@@ -358,6 +356,6 @@ def _read_job(out: Path) -> dict:
 
 def _write_job(out: Path, record: dict) -> None:
     try:
-        (out / JOB_NAME).write_text(json.dumps(record))
-    except OSError:
+        write_text(out / JOB_NAME, json.dumps(record))
+    except UserError:
         pass  # only a help to restarts: a folder that cannot take it fails at its next write anyway

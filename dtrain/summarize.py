@@ -30,12 +30,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtrain.errors import UserError
+from rich.table import Table
 
-# Settings that do not change what is trained: the seed, where the output goes, how it is logged, and how
-# the data is fetched. Any wandb_* field and the sweep's own fields are ignored as well.
-IGNORED = {"seed", "output_dir", "resume", "save_every", "save_every_minutes", "dist_timeout", "log_every",
-           "plots", "tensorboard", "recipe", "workers", "cache_dir", "download", "sweep", "sweep_index", "sweep_list"}
+from dtrain.config import Config, settings_where
+from dtrain.epoch_row import SUMMARIZED
+from dtrain.errors import UserError, run_command
+from dtrain.files import make_folder, write_bytes, write_text
+from dtrain.report.console import make_console
+from dtrain.report.metrics import read_metrics
+
+# Settings that do not change what is trained (the seed, where the output goes, how the run is logged and
+# saved, where the data comes from): declared on each Config field (Policy.groups).
+IGNORED = frozenset(settings_where(lambda p: not p.groups))
 
 CSV_COLUMNS = ["group", "n", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
                "train_seconds_mean", "final_acc_min", "final_acc_max", "best_acc_min", "best_acc_max",
@@ -44,7 +50,7 @@ TOP5_COLUMNS = ["final_top5_mean", "final_top5_std"]
 
 
 def ignored(key: str) -> bool:
-    return key in IGNORED or key.startswith("wandb")
+    return key in IGNORED
 
 
 @dataclass
@@ -140,17 +146,12 @@ def _is_run_config(path: Path) -> bool:
 def read_rows(path: Path) -> list[dict]:
     """metrics.jsonl's epoch rows (report.metrics.read_metrics: a line cut short by a kill at the end is
     left out; a line damaged elsewhere is a UserError naming it)."""
-    from dtrain.report.metrics import read_metrics  # behind it the checkpoint module and torch: load on use
     return [row for row in read_metrics(path) if isinstance(row, dict) and "epoch" in row]
 
 
 def resolved_settings(config: dict) -> dict:
     """config.json over the Config defaults, so a run saved before a field existed compares equal."""
-    from dtrain.config import Config
     return {**Config().to_dict(), **config}
-
-
-NUMBERS = ("val_acc", "val_top5", "epoch_seconds", "images_per_second", "train_samples")  # what statistics read
 
 
 def _is_int(value) -> bool:
@@ -175,7 +176,7 @@ def read_run(path: Path) -> Run:
         return Run(path, settings, rows, "not finished", "no epoch finished (failed early, or still in epoch 1)")
     if not _is_int(epochs) or not (max_steps is None or _is_int(max_steps)) or not all(
             isinstance(r, dict) and _is_int(r.get("epoch")) and _is_int(r.get("step", 0))
-            and all(isinstance(r.get(k), (int, float, type(None))) for k in NUMBERS) for r in rows):
+            and all(isinstance(r.get(k), (int, float, type(None))) for k in SUMMARIZED) for r in rows):
         return Run(path, settings, [], "not finished", "unreadable: an epoch count or a figure in config.json or "
                                                        "metrics.jsonl is not a number")
     last = rows[-1]
@@ -187,7 +188,7 @@ def read_run(path: Path) -> Run:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Groups of equal settings (IGNORED apart), each named by the settings that differ between groups."""
+    """Groups of equal settings (the IGNORED ones apart), each named by the settings that differ between groups."""
     def key(run):
         return json.dumps({k: v for k, v in run.settings.items() if not ignored(k)}, sort_keys=True)
 
@@ -303,7 +304,6 @@ def _range(lo, hi) -> str:
 
 
 def print_table(groups: list[Group], console) -> None:
-    from rich.table import Table
     stats = [group_stats(g) for g in groups]
     top5 = any("final_top5_mean" in s for s in stats)
     table = Table(box=None, pad_edge=False, header_style="bold")
@@ -334,15 +334,10 @@ OUT_REMEDY = "pass --out DIR with a writable folder"
 
 
 def write_outputs(groups: list[Group], out: Path) -> tuple[Path, Path]:
-    from dtrain.checkpoint import atomic_write
     csv_path, png_path = out / "summary.csv", out / "summary.png"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(csv_path, lambda f: f.write(csv_text(groups).encode()), remedy=OUT_REMEDY)
-        png = render(groups)
-        atomic_write(png_path, lambda f: f.write(png), remedy=OUT_REMEDY)
-    except OSError as e:
-        raise UserError(f"cannot write the summary to {out}: {e.strerror or e}; {OUT_REMEDY}") from None
+    make_folder(out, remedy=OUT_REMEDY)
+    write_text(csv_path, csv_text(groups), remedy=OUT_REMEDY)
+    write_bytes(png_path, render(groups), remedy=OUT_REMEDY)
     return csv_path, png_path
 
 
@@ -360,7 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv=None) -> dict:
-    from dtrain.report.console import make_console
     args = build_parser().parse_args(argv)
     runs = [read_run(p) for p in find_runs(args.paths)]
     groups = group_runs(runs)
@@ -375,8 +369,7 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> None:
-    from dtrain.errors import run_cli
-    run_cli(run, argv)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

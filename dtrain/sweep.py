@@ -16,14 +16,14 @@ import hashlib
 import itertools
 import os
 
+from dtrain.config import FIELDS, flag_name, is_list_setting, parse_value, settings_where
 from dtrain.errors import UserError
 
-NOT_SWEPT = ("sweep", "sweep_index")
+NOT_SWEPT = settings_where(lambda p: not p.sweepable)
 
 
 def parse_sweep(spec: list[str]) -> list[tuple[str, list]]:
     """['lr=0.1,0.2', 'seed=0,1'] -> [('lr', [0.1, 0.2]), ('seed', [0, 1])], each value of its field's type."""
-    from dtrain.config import FIELDS, is_list_setting, parse_value
     axes, seen = [], set()
     for item in spec:
         key, sep, values = item.partition("=")
@@ -74,7 +74,7 @@ def apply_sweep(overrides: dict) -> dict:
                         f"(0..{len(grid) - 1}); submit with --array=0-{len(grid) - 1}")
     both = sorted(set(grid[index]) & set(overrides))
     if both:
-        raise UserError(f"--{both[0].replace('_', '-')} is given and also swept: drop one of them")
+        raise UserError(f"{flag_name(both[0])} is given and also swept: drop one of them")
     return {**overrides, **grid[index], "sweep": list(spec), "sweep_index": index}
 
 

@@ -85,6 +85,19 @@ dtrain_threads() {
     fi
 }
 
+# dtrain_wait PID: wait until process PID has ended and set DTRAIN_RC to its exit status. A signal
+# whose trap runs interrupts `wait`; the trap handler sets DTRAIN_TRAPPED=1 and the wait starts
+# again (bash keeps the status of a child reaped meanwhile).
+dtrain_wait() {
+    local pid=$1
+    while :; do
+        DTRAIN_TRAPPED=0
+        DTRAIN_RC=0
+        wait "$pid" || DTRAIN_RC=$?
+        [[ $DTRAIN_TRAPPED == 1 ]] || break
+    done
+}
+
 # The Python interpreter: DTRAIN_PYTHON, else python, else python3.
 dtrain_python() {
     if [[ -n ${DTRAIN_PYTHON:-} ]]; then

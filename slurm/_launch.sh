@@ -11,7 +11,8 @@
 # signals to the worker processes.
 #
 # Environment a user may set (before sbatch; sbatch exports the submitting environment):
-#   DTRAIN_ROOT       repository root (default: the directory sbatch was run from)
+#   DTRAIN_ROOT       repository root (default: the directory sbatch was run from; the batch
+#                     script works it out before sourcing this file)
 #   GPUS_PER_NODE     processes per node (default: one per GPU the step may use, from
 #                     CUDA_VISIBLE_DEVICES, else Slurm's counts, else nvidia-smi; else 1 CPU process)
 #   MASTER_ADDR       rendezvous host (default: first host of the allocation)
@@ -56,7 +57,7 @@ dtrain_job_key() {
 # back into SIGTERM for the training processes.
 _dtrain_on_signal() {
     local sig=$1 fwd=$1
-    _DTRAIN_TRAPPED=1
+    DTRAIN_TRAPPED=1
     _DTRAIN_SIGNALS="$_DTRAIN_SIGNALS $sig"
     _dtrain_log "batch shell got SIG$sig: telling the training processes to save and stop"
     if [[ $sig == TERM ]]; then
@@ -75,7 +76,7 @@ dtrain_launch() {
         echo "dtrain: or use bash launch/torchrun.sh ... on a single machine." >&2
         return 2
     fi
-    local root=${DTRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+    local root=$DTRAIN_ROOT     # the batch script sets it (to find this file)
     if [[ ! -f $root/$entry ]]; then
         echo "dtrain: $root/$entry not found: run sbatch from the dtrain repository root or set DTRAIN_ROOT=/path/to/dtrain." >&2
         return 2
@@ -95,9 +96,7 @@ dtrain_launch() {
         # The settings are read once here, before any process starts: a mistake (a bad flag, an
         # array task past the end of the --sweep grid) ends the job with its one line, where
         # torchrun would restart the training processes on it.
-        local check='import sys; from dtrain.config import build_config; from dtrain.errors import run_cli
-run_cli(build_config, sys.argv[1:])'
-        if ! "$(dtrain_python)" -c "$check" "${args[@]}"; then
+        if ! "$(dtrain_python)" -m dtrain.settings "${args[@]}"; then
             return 2
         fi
     fi
@@ -132,15 +131,8 @@ run_cli(build_config, sys.argv[1:])'
     # In the background: bash runs a trap only between commands, so it must be in `wait`.
     srun "${srun_args[@]}" bash "$root/slurm/_node.sh" "$entry" "${args[@]}" &
     _DTRAIN_SRUN_PID=$!
-    local rc
-    while :; do
-        _DTRAIN_TRAPPED=0
-        rc=0
-        wait "$_DTRAIN_SRUN_PID" || rc=$?
-        # A trapped signal interrupts `wait`: wait again until srun itself has ended (bash keeps
-        # the status of a child reaped meanwhile).
-        [[ $_DTRAIN_TRAPPED == 1 ]] || break
-    done
+    dtrain_wait "$_DTRAIN_SRUN_PID"
+    local rc=$DTRAIN_RC
     trap - USR1 TERM
 
     if [[ $mode == train && $_DTRAIN_SIGNALS == *USR1* && $_DTRAIN_SIGNALS != *TERM* ]]; then

@@ -56,7 +56,6 @@ trap '' USR1 USR2
 launcher_pid=$!
 
 stop_signal=""
-trapped=0
 repeater_pid=""
 declare -A delivered=()
 
@@ -107,7 +106,7 @@ relay() {
 }
 
 on_signal() {
-    trapped=1
+    DTRAIN_TRAPPED=1
     if [[ -z $stop_signal ]]; then
         log "got SIG$1: relaying it to the training processes"
     fi
@@ -140,13 +139,8 @@ trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 trap 'on_signal TERM' USR2      # SIGTERM to the batch shell, forwarded by srun (see _launch.sh)
 
-while :; do
-    trapped=0
-    rc=0
-    wait "$launcher_pid" || rc=$?
-    # A trapped signal interrupts `wait`; bash keeps the status of a child reaped meanwhile.
-    [[ $trapped == 1 ]] || break
-done
+dtrain_wait "$launcher_pid"
+rc=$DTRAIN_RC
 if [[ -n $repeater_pid ]]; then
     kill "$repeater_pid" 2>/dev/null || true
 fi

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dtrain.checkpoint import MODEL_KEYS, VERSION, load_checkpoint, model_meta, save_checkpoint
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.engine import EpochMeter
 from dtrain.errors import UserError
 from dtrain.report import Reporters

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.data import cifar
 from dtrain.errors import UserError
 from helpers import write_cifar, write_python2_pickles

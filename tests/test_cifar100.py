@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.data import cifar, load_dataset, stats
-from dtrain.engine import top_k_accuracy
+from dtrain.inference import top_k_accuracy
 from dtrain.errors import UserError
 from dtrain.models import build_model, list_archs
 from helpers import REPO, env, launch, metrics, train, write_cifar100, write_python2_pickles

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from dtrain.config import Config, build_config, config_from_dict, list_recipes, load_recipe
+from dtrain.config import Config, config_from_dict, list_recipes, load_recipe
+from dtrain.settings import build_config
 from dtrain.errors import UserError
 
 

@@ -47,7 +47,7 @@ def torch_logits(ckpt, images):
 
 def test_safetensors_holds_the_ema_weights_and_predicts_like_the_checkpoint(trained, tmp_path):
     from dtrain.checkpoint import load_checkpoint
-    from dtrain.export import load_safetensors
+    from dtrain.checkpoint import load_safetensors
     data, best = trained
     r = export(best, "--format", "safetensors", "--output", tmp_path / "model.safetensors")
     assert r.returncode == 0, r.stderr
@@ -142,7 +142,7 @@ def test_errors_are_one_clear_line(trained, tmp_path):
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"not safetensors at all")
     from dtrain.errors import UserError
-    from dtrain.export import load_safetensors
+    from dtrain.checkpoint import load_safetensors
     with pytest.raises(UserError, match="cannot be read as safetensors"):
         load_safetensors(fake)
 

@@ -13,12 +13,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from helpers import metrics, train
 
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.data import fake
 from dtrain.data.loader import MemoryLoader
 from dtrain.distributed import ddp_kwargs
 from dtrain.ema import WeightAverage
-from dtrain.engine import predict, tta_logits
+from dtrain.inference import predict_logits, tta_logits
 from dtrain.optim import LRSchedule, OptimSpec, ScheduleSpec, build_optimizer
 
 FAKE = ["--dataset", "fake", "--no-download"]
@@ -28,7 +28,7 @@ FAKE = ["--dataset", "fake", "--no-download"]
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_memory_loader_shards_and_resumes(world):
     data = fake.make(103, 10, 8, 3, seed=0)
-    loaders = [MemoryLoader(data, torch.device("cpu"), 8, rank, world, seed=5, train=True) for rank in range(world)]
+    loaders = [MemoryLoader(data, torch.device("cpu"), batch_size=8, rank=rank, world=world, seed=5) for rank in range(world)]
     for epoch in range(2):
         seen = []
         for loader in loaders:
@@ -51,7 +51,7 @@ def test_memory_loader_shards_and_resumes(world):
 
 def test_memory_loader_eval_shards_count_each_image_once():
     data = fake.make(101, 10, 8, 3, seed=0)
-    idx = torch.cat([i for r in range(3) for _, _, i in MemoryLoader(data, "cpu", 16, r, 3, train=False).batches()])
+    idx = torch.cat([i for r in range(3) for _, _, i in MemoryLoader(data, "cpu", batch_size=16, rank=r, world=3, train=False).batches()])
     assert sorted(idx.tolist()) == list(range(101))
 
 
@@ -244,12 +244,12 @@ def test_predict_runs_the_short_batch_eagerly():
     wrapper = Counting(inner, "compiled", calls)
     wrapper._orig_mod = Counting(inner, "eager", calls)
     data = fake.make(50, 10, 8, 3, seed=1)
-    loader = MemoryLoader(data, "cpu", 16, 0, 1, train=False)
+    loader = MemoryLoader(data, "cpu", batch_size=16, train=False)
     from dtrain.data.augment import AugmentSpec, Pipeline
     acc = types.SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False), num_processes=1,
                                 device=torch.device("cpu"))
-    index, logits = predict(wrapper, loader, Pipeline(AugmentSpec(), (0.5,) * 3, (0.25,) * 3, "cpu"), acc,
-                            tta=True, tta_shift=1)
+    index, logits = predict_logits(wrapper, loader, Pipeline(AugmentSpec(), (0.5,) * 3, (0.25,) * 3, "cpu"), acc,
+                                   tta=True, tta_shift=1)
     assert index.tolist() == list(range(50)) and logits.shape == (50, 10)
     assert {c for c in calls if c[0] == "compiled"} == {("compiled", 16)}
     assert {c for c in calls if c[0] == "eager"} == {("eager", 2)}

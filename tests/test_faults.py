@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.checkpoint import atomic_write, remove_stale_temp_files
+from dtrain.files import atomic_write, remove_stale_temp_files
 from dtrain.errors import UserError
 from helpers import MAIN, REPO, env, free_port, metrics, signal_mid_run, train, write_cifar
 
@@ -85,7 +85,8 @@ def test_stop_signal_to_the_group_of_two_processes_saves(image_folder, tmp_path,
 
 
 def test_second_ctrl_c_aborts_at_once_and_signals_after_a_stop_are_absorbed(monkeypatch):
-    from dtrain.preempt import SIGNALS, StopSignal
+    from dtrain.preempt import StopSignal
+    from dtrain.signals import SIGNALS
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     try:

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import yaml
 
-from dtrain.config import FIELDS, build_config, build_parser, flags_markdown
+from dtrain.config import FIELDS, build_parser, flags_markdown
+from dtrain.settings import build_config
 from helpers import REPO
 
 

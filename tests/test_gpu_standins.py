@@ -5,14 +5,12 @@ bench/gpu.sh instead; docs/performance.md lists which is which.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import signal
 import stat
 import sys
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from dtrain.checkpoint import load_checkpoint
 from dtrain.devices import Machine, Torch, check_device, visible_devices
 from dtrain.errors import UserError
-from helpers import MAIN, REPO, cli_error, env, launch, metrics, signal_mid_run, train, train_here
+from helpers import MAIN, REPO, cli_error, launch, metrics, signal_mid_run, train, train_here
 
 FAKE = ["--arch", "cnn", "--dataset", "fake", "--workers", "0"]
 
@@ -460,13 +458,13 @@ def test_channels_last_under_two_process_ddp_trains_like_one_process(tmp_path, c
 # ---- the stop-signal agreement --------------------------------------------------------------------------
 
 AGREEMENT = r"""
-import os, sys, time
+import sys, time
 from pathlib import Path
-import torch.distributed as dist
-from dtrain.distributed import make_accelerator, leaving_gloo_groups
+from dtrain.distributed import make_accelerator
+from dtrain.errors import run_command
 from dtrain.preempt import StopSignal
 marker = Path(sys.argv[1])
-with leaving_gloo_groups():
+def run(argv):
     acc = make_accelerator(None, 30)
     stop = StopSignal().install()
     rank = acc.process_index
@@ -480,6 +478,7 @@ with leaving_gloo_groups():
     last = stop.settle()
     print(f"rank {rank}: {tuple(first)} {tuple(second)} {tuple(last)}", flush=True)
     stop.uninstall()
+run_command(run, sys.argv[1:])
 """
 
 

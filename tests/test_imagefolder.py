@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dtrain.checkpoint import load_checkpoint
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.data import imagefolder, load_dataset, stats
 from dtrain.data.decode import decode_image
 from dtrain.data.loader import make_loader
@@ -143,7 +143,8 @@ def test_large_set_stays_file_backed_and_decodes_the_same(tmp_path):
     files, files_val = imagefolder.read(root, image_size=32, memory_budget=0)
     assert not files.in_memory and len(files.files) == 18 and files.size == 32 and files.channels == 3
     assert not files_val.in_memory
-    loader = make_loader(files, "files", torch.device("cpu"), 5, 0, 1, 0, False, 0)
+    loader = make_loader(files, "files", device=torch.device("cpu"), batch_size=5, rank=0, world=1, seed=0, train=False,
+                         workers=0)
     got = torch.cat([x for x, _, _ in loader.batches()])                  # N C H W
     assert torch.equal(got.permute(0, 2, 3, 1), mem.images)
     forced, _ = imagefolder.read(root, image_size=32, loader="memory", memory_budget=0)

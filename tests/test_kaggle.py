@@ -235,7 +235,7 @@ def test_array_loader_shards_cover_every_image_once(tmp_path):
     s = ImageSet(labels=torch.arange(23), classes=["a"], images=images, size=2)
     seen = []
     for rank in range(3):
-        for x, y, idx in ArrayLoader(s, "cpu", 4, rank, 3).batches():
+        for x, y, idx in ArrayLoader(s, "cpu", batch_size=4, rank=rank, world=3).batches():
             assert torch.equal(x, images[idx].permute(0, 3, 1, 2)) and torch.equal(y, idx)
             seen += idx.tolist()
     assert sorted(seen) == list(range(23))

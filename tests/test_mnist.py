@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dtrain.checkpoint import load_checkpoint
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.data import mnist, stats
 from dtrain.errors import UserError
 from helpers import SHARED_DATA, train

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.distributed import EXIT_PEER_LOST, lost_peer_message
+from dtrain.distributed import lost_peer_message
+from dtrain.errors import EXIT_PEER_LOST
 from helpers import MAIN, REPO, children, env, free_port
 
 TIMEOUT = 10
@@ -123,7 +124,7 @@ def test_dist_timeout_reaches_the_process_group_and_the_stop_signal_group(tmp_pa
 
 
 def test_dist_timeout_is_a_checked_setting():
-    from dtrain.config import build_config
+    from dtrain.settings import build_config
     from dtrain.errors import UserError
     assert build_config(["--dist-timeout", "20"]).dist_timeout == 20
     assert build_config([]).dist_timeout == 600

@@ -193,7 +193,7 @@ def test_an_airbench_checkpoint_is_scored_with_its_runs_tta_unless_overridden(tm
     from dtrain.checkpoint import load_checkpoint
     from dtrain.data.augment import AugmentSpec, Pipeline
     from dtrain.data.decode import decode_image
-    from dtrain.engine import eval_logits
+    from dtrain.inference import eval_logits
     from dtrain.models import model_from_checkpoint
     from dtrain.predict import run
     launch(MAIN, ["--arch", "airbench", "--dataset", "fake", "--fake-size", 64, "--max-steps", 2, "--batch-size", 32,

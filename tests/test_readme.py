@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from dtrain.config import flags_markdown
+from dtrain.config import flags_markdown, resume_rules_markdown
 from dtrain.helptable import argparse_markdown
 from helpers import REPO
 
@@ -31,6 +31,12 @@ def test_the_pages_exist():
 def test_flags_table_is_current():
     assert flags_markdown() in text(DOCS / "training.md"), \
         "docs/training.md's flags table is stale: paste `python -m dtrain.config` into it"
+
+
+def test_resume_rules_are_current():
+    """The list of what a resumed run may change is generated from the Config fields' policies."""
+    assert f"<!-- resume-rules -->\n{resume_rules_markdown()}\n<!-- /resume-rules -->" in text(DOCS / "training.md"), \
+        "docs/training.md's resume rules are stale: paste `python -m dtrain.config resume-rules` into it"
 
 
 def test_predict_flags_table_is_current():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dtrain.config import build_config
-from dtrain.engine import Evaluation
+from dtrain.settings import build_config
+from dtrain.inference import Evaluation
 from dtrain.errors import UserError
 from dtrain.report import plots
 from dtrain.report.build import make_reporters
@@ -22,8 +22,6 @@ from helpers import train
 # tensorboard is optional (the `tensorboard` extra) and matplotlib a dependency: CI should have both so these run
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="tensorboard is not installed (pip install tensorboard)")
-needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                                      reason="matplotlib is not installed (pip install matplotlib)")
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -90,7 +88,6 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
             make_reporters(cfg, tmp_path, None, is_main)
 
 
-@needs_matplotlib
 def test_run_picture_from_a_real_run(tmp_path):
     out = tmp_path / "run"
     train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "2",
@@ -104,11 +101,10 @@ def test_run_picture_from_a_real_run(tmp_path):
     assert not list(out.glob(".run.png.*"))       # no temp files left behind
 
 
-@needs_matplotlib
 def test_plot_reporter_redraws_and_keeps_the_history_on_resume(tmp_path):
     cfg = SimpleNamespace(arch="cnn", dataset="fake", epochs=3)
     classes = ["cat", "dog", "frog"]
-    rep = plots.make_plot_reporter(tmp_path)
+    rep = plots.PlotReporter(tmp_path)
     rep.start(cfg, {"classes": classes, "output_dir": str(tmp_path)})
     rep.epoch(row(1, 4), fake_eval(3))
     assert (tmp_path / "run.png").is_file() and rep.confusion[1].sum() == 50
@@ -140,7 +136,6 @@ def test_redraws_are_throttled_when_drawing_would_dominate(tmp_path):
     assert len(calls) == 2                    # the final picture is always drawn
 
 
-@needs_matplotlib
 @pytest.mark.parametrize("k", [1, 14, 100])
 def test_render_handles_any_number_of_classes(k):
     ev = fake_eval(k, n=300)
@@ -150,7 +145,6 @@ def test_render_handles_any_number_of_classes(k):
         im.verify()
 
 
-@needs_matplotlib
 def test_run_picture_draws_val_top5_where_the_rows_have_it():
     rows = [{**row(1, 4), "val_top5": 0.9}, {**row(2, 8), "val_top5": 0.95}]
     fig = plots.figure(rows, None, [], "t", 2)
@@ -179,19 +173,7 @@ def test_console_table_has_val_top5_for_more_than_five_classes():
         assert table[0].split().index("val_acc") == 5
 
 
-@needs_matplotlib
 def test_render_before_any_epoch():
     png = plots.render([], None, [], "t")
     assert png[:4] == b"\x89PNG"
 
-
-def test_missing_matplotlib_warns_once_and_skips(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(plots, "_warned", False)
-    assert plots.make_plot_reporter(tmp_path) is None
-    assert plots.make_plot_reporter(tmp_path) is None
-    err = capsys.readouterr().err
-    assert err.count("matplotlib is not installed") == 1 and "--no-plots" in err
-    cfg = build_config(["--arch", "cnn", "--dataset", "fake"])
-    reps = make_reporters(cfg, tmp_path, None, True)
-    assert not any(type(m).__name__ == "PlotReporter" for m in reps.members)

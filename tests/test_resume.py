@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.checkpoint import (CHECKED_BY_RESULT, MAY_CHANGE, SAME_ALWAYS, SAME_MID_EPOCH,
-                               save_checkpoint)
-from dtrain.config import Config
+from dtrain.checkpoint import save_checkpoint
+from dtrain.config import FIELDS, MUST_MATCH, RESUME_RULES, SAME_MID_EPOCH, Config, _f, policy
 from dtrain.main import main
 from helpers import cli_error as refused
 
@@ -157,8 +156,13 @@ def test_a_file_that_is_no_training_checkpoint_is_one_line(tmp_path, capsys, con
     assert expected in line and str(path) in line, line
 
 
-def test_every_setting_is_either_checked_on_resume_or_may_change():
-    fields = {f.name for f in dataclasses.fields(Config)}
-    listed = [*MAY_CHANGE, *SAME_ALWAYS, *SAME_MID_EPOCH, *CHECKED_BY_RESULT]
-    assert len(listed) == len(set(listed)), "a setting is listed twice"
-    assert set(listed) == fields, (fields - set(listed), set(listed) - fields)
+def test_every_setting_declares_its_resume_rule():
+    """A Config field cannot be made without a policy, and a rule that needs the checkpoint's value says why
+    (the one-line refusal quotes it)."""
+    assert {f.name for f in dataclasses.fields(Config)} == set(FIELDS)
+    for name in FIELDS:
+        rule = policy(name)
+        assert rule.resume in RESUME_RULES, name
+        assert bool(rule.why) == (rule.resume in (MUST_MATCH, SAME_MID_EPOCH)), name
+    with pytest.raises(TypeError):
+        _f(1, "a setting without a policy")

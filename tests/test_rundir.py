@@ -27,13 +27,13 @@ LONG = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "256", "--batch-siz
 # takes the lock on argv[1] the way dtrain/main.py does, says so, and holds it until killed
 HOLDER = """
 import sys, time
-from dtrain.errors import run_cli
+from dtrain.errors import run_command
 from dtrain.rundir import open_output_dir
 def run(argv):
     lock, resume = open_output_dir(argv[0], None)
     print("holding", flush=True)
     time.sleep(600)
-run_cli(run, sys.argv[1:])
+run_command(run, sys.argv[1:])
 """
 
 
@@ -143,7 +143,7 @@ def test_holder_script_refuses_a_second_holder_and_releases_on_exit(tmp_path):
         assert second.returncode == 2
         assert "is in use by the run started" in second.stderr and f"(pid {first.pid})" in second.stderr
     finally:
-        stop(first, signal.SIGINT)                        # Ctrl-C: run_cli exits 2, the lock is released
+        stop(first, signal.SIGINT)                        # Ctrl-C: run_command exits 2, the lock is released
     assert first.returncode == 2
     assert not (out / "run.lock").exists()
 
@@ -246,7 +246,7 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
 
 def test_output_path_that_is_a_file_is_one_clear_error(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(UserError, match="cannot create the output folder"):
+    with pytest.raises(UserError, match="is a file, not a folder; move it or use another --output-dir"):
         RunLock(tmp_path / "f" / "run").acquire()
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.optim import LRSchedule, OptimSpec, ScheduleSpec, build_optimizer
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from dtrain.config import build_config
+from dtrain.settings import build_config
 from dtrain.errors import UserError
 from dtrain.main import run_output_dir
 from dtrain.report.wandb import WandbSpec

@@ -62,7 +62,8 @@ def test_bad_recipe_values_end_with_one_line_naming_the_setting(setting, message
 
 
 def test_every_shipped_recipe_and_the_defaults_pass_the_rules():
-    from dtrain.config import Config, build_config, list_recipes, validate
+    from dtrain.config import Config, list_recipes, validate
+    from dtrain.settings import build_config
     validate(Config())
     for name in list_recipes():
         build_config(["--recipe", name])

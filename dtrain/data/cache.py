@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dtrain.checkpoint import atomic_write
+from dtrain.files import atomic_write
 from dtrain.data import decode
 from dtrain.errors import UserError
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from dtrain.data import ImageSet, stratified_split
+from dtrain.data import ImageSet, cache, stratified_split
 from dtrain.data.cifar import CLASSES, MEAN, STD
 from dtrain.errors import UserError
 
@@ -113,8 +113,6 @@ def read_labels(path: Path) -> list[tuple[int, str]]:
 def load(cfg, log: Callable[[str], None] | None = print) -> tuple[ImageSet, ImageSet]:
     """The labelled training images (decoded once into the packed cache; `log` hears when that happens),
     split into training and validation."""
-    from dtrain.data import cache
-
     root = Path(cfg.data_dir)
     train_dir, labels_csv = root / "train", root / "trainLabels.csv"
     missing = [str(p) for p in (train_dir, labels_csv) if not p.exists()]

@@ -8,6 +8,8 @@ everything after it is the same for each.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -15,7 +17,7 @@ from dtrain.data import ImageSet
 from dtrain.data.decode import decode_image
 from dtrain.data.sampler import TrainShards, eval_shard
 from dtrain.errors import UserError
-from dtrain.preempt import ignore_stop_signals
+from dtrain.signals import ignore_stop_signals
 
 MEMORY_BUDGET = 2 * 1024 ** 3            # bytes of decoded uint8 pixels a file-backed set may take in memory
 
@@ -55,7 +57,8 @@ def _user_error_from_worker(e: UserError) -> UserError:
 class ShardedLoader:
     """Training: this process's DistributedSampler shard, reshuffled per epoch; evaluation: an exact shard."""
 
-    def __init__(self, imageset: ImageSet, device, batch_size: int, rank: int, world: int, seed: int, train: bool):
+    def __init__(self, imageset: ImageSet, device, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 train: bool = True):
         self.set, self.device, self.batch_size, self.rank, self.world = imageset, device, batch_size, rank, world
         self.train = train
         self.shards = TrainShards(len(imageset), rank, world, seed) if train else None
@@ -74,8 +77,8 @@ class ShardedLoader:
 class MemoryLoader(ShardedLoader):
     """The uint8 images live on the device once; batches are gathered there by index."""
 
-    def __init__(self, imageset, device, batch_size, rank, world, seed=0, train=True):
-        super().__init__(imageset, device, batch_size, rank, world, seed, train)
+    def __init__(self, imageset, device, **shard):
+        super().__init__(imageset, device, **shard)
         self.images = imageset.images.permute(0, 3, 1, 2).contiguous().to(device)  # N C H W uint8
         self.labels = imageset.labels.to(device)
 
@@ -92,8 +95,8 @@ class MemoryLoader(ShardedLoader):
 class FileLoader(ShardedLoader):
     """Images decoded from files in DataLoader worker processes."""
 
-    def __init__(self, imageset, device, batch_size, rank, world, seed=0, train=True, workers=4):
-        super().__init__(imageset, device, batch_size, rank, world, seed, train)
+    def __init__(self, imageset, device, *, workers: int = 4, **shard):
+        super().__init__(imageset, device, **shard)
         self.workers = workers
 
     def batches(self, epoch: int = 0, start: int = 0):
@@ -125,16 +128,19 @@ def choose_loader(requested: str, *sets: ImageSet, budget: int = MEMORY_BUDGET) 
     return requested
 
 
-def make_loader(imageset: ImageSet, kind: str, device, batch_size: int, rank: int, world: int, seed: int,
+def make_loader(imageset: ImageSet, kind: str, *, device, batch_size: int, rank: int, world: int, seed: int,
                 train: bool, workers: int):
+    """The loader of `kind` ("memory" or "files", from `choose_loader`) for this process's shard: of each
+    epoch's shuffled order with `train`, else of the set in order."""
+    shard = dict(batch_size=batch_size, rank=rank, world=world, seed=seed, train=train)
     if kind == "memory":
         if not imageset.in_memory:
             raise UserError("--loader memory needs a dataset held in memory; this one is read from files "
                             "(use --loader files or auto)")
-        return MemoryLoader(imageset, device, batch_size, rank, world, seed, train)
+        return MemoryLoader(imageset, device, **shard)
     if imageset.in_memory:  # files requested for an in-memory set: nothing to decode, index it in memory
-        return MemoryLoader(imageset, device, batch_size, rank, world, seed, train)
-    return FileLoader(imageset, device, batch_size, rank, world, seed, train, workers)
+        return MemoryLoader(imageset, device, **shard)
+    return FileLoader(imageset, device, workers=workers, **shard)
 
 
 class ArrayLoader(ShardedLoader):
@@ -143,8 +149,8 @@ class ArrayLoader(ShardedLoader):
     Each process reads only its own shard's rows, batch by batch, a batch ahead in a helper thread;
     the NHWC -> NCHW permutation happens on the device, on uint8 (4x cheaper than on the float batch)."""
 
-    def __init__(self, imageset, device, batch_size: int, rank: int, world: int):
-        super().__init__(imageset, torch.device(device), batch_size, rank, world, 0, False)
+    def __init__(self, imageset, device, *, batch_size: int, rank: int = 0, world: int = 1):
+        super().__init__(imageset, torch.device(device), batch_size=batch_size, rank=rank, world=world, train=False)
         self.images = imageset.images if isinstance(imageset.images, torch.Tensor) else \
             torch.from_numpy(imageset.images)
         self.labels = imageset.labels
@@ -160,7 +166,6 @@ class ArrayLoader(ShardedLoader):
         return batch
 
     def batches(self, epoch: int = 0, start: int = 0):
-        from concurrent.futures import ThreadPoolExecutor
         index_batches = [b for b in self.index_batches(epoch, start) if len(b)]
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(self._host_batch, index_batches[0]) if index_batches else None

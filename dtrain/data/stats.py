@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 
+from dtrain.data.decode import decode_chunks, default_workers
 from dtrain.errors import UserError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -48,6 +49,5 @@ def resolve(mode: str, train) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def file_batches(train):
     """A file-backed set's images decoded (and resized) as the loader does, as uint8 N x H x W x C chunks,
     in worker processes; a file that cannot be decoded is a UserError naming it."""
-    from dtrain.data.decode import decode_chunks, default_workers
     for chunk in decode_chunks(train.files, train.size, train.channels, default_workers()):
         yield torch.from_numpy(chunk)

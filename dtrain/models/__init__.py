@@ -76,10 +76,6 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     (so every Config field can be passed to every arch); any other value is an error.
     """
     builder = _resolve(arch)
-    if int(num_classes) < 1:
-        raise UserError(f"the number of classes must be at least 1, got {num_classes}")
-    if int(in_channels) < 1:
-        raise UserError(f"the number of input channels must be at least 1, got {in_channels}")
     supported = _options(builder)
     kwargs = {}
     for key, value in arch_args.items():

@@ -4,26 +4,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from dtrain.report import Reporters
+from dtrain.report.console import ConsoleReporter
+from dtrain.report.metrics import MetricsFile
+from dtrain.report.plots import PlotReporter
+from dtrain.report.tensorboard import TensorBoardReporter, summary_writer_class
+from dtrain.report.wandb import WandbReporter, WandbSpec
 from dtrain.report.wandb import resolve_mode as resolve_wandb_mode
 
 
 def make_reporters(cfg, output_dir: Path, resumed_epoch: int | None, is_main: bool) -> Reporters:
     if cfg.tensorboard:  # every process checks, so all fail alike without the package
-        from dtrain.report.tensorboard import summary_writer_class
         summary_writer_class()
     if not is_main:
         return Reporters()
-    from dtrain.report.console import ConsoleReporter
-    from dtrain.report.metrics import MetricsFile
     console = ConsoleReporter()
     members = [console, MetricsFile(output_dir, resumed_epoch)]
     if cfg.wandb and resolve_wandb_mode(cfg.wandb_mode) != "disabled":
-        from dtrain.report.wandb import WandbReporter, WandbSpec
         members.append(WandbReporter(WandbSpec.from_config(cfg), output_dir, console.message))
     if cfg.tensorboard:
-        from dtrain.report.tensorboard import TensorBoardReporter
         members.append(TensorBoardReporter(output_dir, resumed=resumed_epoch is not None))
     if cfg.plots:
-        from dtrain.report.plots import make_plot_reporter
-        members.append(make_plot_reporter(output_dir, resumed_epoch))
+        members.append(PlotReporter(output_dir, resumed_epoch))
     return Reporters(members)

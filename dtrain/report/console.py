@@ -12,16 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-COLUMNS = [("epoch", "{}"), ("step", "{}"), ("train_loss", "{:.4f}"), ("train_acc", "{:.2%}"),
-           ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("val_top5", "{:.2%}"), ("lr", "{:.3g}"),
-           ("epoch_seconds", "{:.1f}"), ("images_per_second", "{:,.0f}"), ("skipped_steps", "{}")]
+from dtrain.epoch_row import COLUMNS
+
 
 
 def table_columns(num_classes: int | None, precision: str | None = None) -> list[tuple[str, str]]:
     """The epoch table's columns: val_top5 only for more than 5 classes, skipped_steps (the steps fp16's
     GradScaler skipped on inf/NaN gradients) only under fp16."""
-    return [c for c in COLUMNS if (c[0] != "val_top5" or (num_classes or 0) > 5)
-            and (c[0] != "skipped_steps" or precision == "fp16")]
+    return [(c.key, c.console) for c in COLUMNS if c.console is not None
+            and (c.key != "val_top5" or (num_classes or 0) > 5) and (c.key != "skipped_steps" or precision == "fp16")]
 
 
 def make_console() -> Console:

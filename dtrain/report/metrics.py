@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from dtrain.checkpoint import atomic_write
 from dtrain.errors import UserError
+from dtrain.files import append_line, write_text
 
 
 def json_line(row: dict) -> str:
@@ -49,10 +49,9 @@ class MetricsFile:
         if resumed_epoch is not None and self.path.exists():
             # a run resumed from epoch E: drop rows of later epochs (and a torn last line) a killed run left
             rows = [r for r in read_metrics(self.path) if r["epoch"] <= resumed_epoch]
-            atomic_write(self.path, lambda f: f.write("".join(json_line(r) for r in rows).encode()))
+            write_text(self.path, "".join(json_line(r) for r in rows))
         elif resumed_epoch is None:
             self.path.unlink(missing_ok=True)
 
     def epoch(self, row: dict, evaluation=None) -> None:
-        with open(self.path, "a") as f:
-            f.write(json_line(row))
+        append_line(self.path, json_line(row))

@@ -15,33 +15,14 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
-from typing import Callable
+import numpy as np
 
-from dtrain.checkpoint import atomic_write
-from dtrain.report.console import warn as warn_on_stderr
+from dtrain.files import atomic_write
 from dtrain.report.metrics import read_metrics
 
 MAX_SHARE = 0.05          # redraw when drawing has used at most this share of the time since the last draw
 ANNOTATE_MAX = 20         # write the counts in the confusion cells up to this many classes
 NAMES_MAX = 40            # class names on the confusion axes up to this many classes
-
-_warned = False
-
-
-def make_plot_reporter(output_dir, resumed_epoch: int | None = None,
-                       warn: Callable[[str], None] = warn_on_stderr):
-    """A PlotReporter, or None (after one `warn`ing per process) when matplotlib is missing."""
-    global _warned
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        if not _warned:
-            warn("matplotlib is not installed, so no run.png is drawn (pip install matplotlib, or pass "
-                 "--no-plots to silence this)")
-            _warned = True
-        return None
-    return PlotReporter(output_dir, resumed_epoch)
-
 
 class PlotReporter:
     def __init__(self, output_dir, resumed_epoch: int | None = None):
@@ -109,8 +90,7 @@ def render(rows: list[dict], confusion, classes: list[str], title: str = "", epo
 
 
 def figure(rows: list[dict], confusion, classes: list[str], title: str = "", epochs: int | None = None):
-    """The run picture as a matplotlib Figure on an Agg canvas."""
-    import numpy as np
+    """The run picture as a matplotlib Figure on an Agg canvas (matplotlib is loaded when a picture is drawn)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -173,12 +153,11 @@ def figure(rows: list[dict], confusion, classes: list[str], title: str = "", epo
 
 
 def _confusion(ax, fig, epoch: int, cm, classes: list[str]) -> None:
-    import numpy as np
+    from matplotlib.colors import PowerNorm
     k = cm.shape[0]
     names = classes if len(classes) == k else [str(i) for i in range(k)]
     totals = cm.sum(1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
-    from matplotlib.colors import PowerNorm
     # a square-root colour scale, so that a few percent of confusion stands out next to the diagonal
     im = ax.imshow(share, cmap="Blues", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
     cb = fig.colorbar(im, ax=ax, shrink=0.8)

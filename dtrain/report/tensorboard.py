@@ -2,8 +2,7 @@
 
 Every scalar's x axis is the optimiser step, so per-step and per-epoch charts line up:
   train/loss, train/lr, train/images_per_second           every --log-every steps (the batch loss)
-  epoch/train_loss, epoch/train_acc, epoch/val_loss, epoch/val_acc, epoch/val_top5 (more than 5 classes),
-  epoch/lr, epoch/epoch, epoch/epoch_seconds, epoch/images_per_second   once per epoch, at its last step
+  epoch/<key> for each charted key of the epoch row (dtrain.epoch_row)   once per epoch, at its last step
 A resumed run purges what a killed run logged after the point it resumes from (TensorBoard's purge_step),
 so curves never show the same step twice; a fresh run in a used output dir purges everything before it.
 """
@@ -11,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dtrain.epoch_row import CHARTED
 from dtrain.errors import UserError
 
-EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch", "epoch_seconds",
-              "images_per_second", "skipped_steps")
 STEP_KEYS = ("loss", "lr", "images_per_second")
 
 
@@ -56,7 +54,7 @@ class TensorBoardReporter:
     def epoch(self, row: dict, evaluation=None) -> None:
         step = int(row["step"])
         w = self._w(step)
-        for k in EPOCH_KEYS:
+        for k in CHARTED:
             if row.get(k) is not None:
                 w.add_scalar(f"epoch/{k}", float(row[k]), step)
         w.flush()

@@ -24,6 +24,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dtrain.epoch_row import CHARTED
+from dtrain.files import make_folder, write_text
+from dtrain.sweep import group_name
+
 ID_FILE = "wandb_id"
 PROBE_SECONDS = 10.0
 INIT_TIMEOUT = 20.0
@@ -44,7 +48,6 @@ class WandbSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "WandbSpec":
-        from dtrain.sweep import group_name
         return cls(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_name, cfg.wandb_mode,
                    cfg.wandb_group or group_name(cfg), tuple(cfg.wandb_tags), cfg.wandb_notes, cfg.to_dict())
 
@@ -92,7 +95,7 @@ class WandbReporter:
         self.wandb, self.say = wandb, say
         self.mode = resolve_mode(spec.mode)
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.output_dir)
         kwargs = dict(project=spec.project, entity=spec.entity, name=spec.name or self.output_dir.name,
                       group=spec.group, tags=list(spec.tags) or None, notes=spec.notes,
                       dir=str(self.output_dir), config=spec.config)
@@ -100,7 +103,7 @@ class WandbReporter:
         if not os.environ.get("WANDB_SWEEP_ID"):
             kwargs.update(id=id_file.read_text().strip() if id_file.exists() else None, resume="allow")
         self.run = self._init(kwargs)
-        id_file.write_text(self.run.id)
+        write_text(id_file, self.run.id)
         self.classes = None
 
     def _init(self, kwargs: dict):
@@ -132,8 +135,8 @@ class WandbReporter:
                       "train/images_per_second": metrics["images_per_second"]}, step=step)
 
     def epoch(self, row: dict, evaluation=None) -> None:
-        self.run.log({("epoch" if k == "epoch" else f"epoch/{k}"): v for k, v in row.items()
-                      if k != "step" and v is not None}, step=row["step"])
+        self.run.log({("epoch" if k == "epoch" else f"epoch/{k}"): row[k] for k in CHARTED if row.get(k) is not None},
+                     step=row["step"])
         if row.get("val_acc") is not None:
             best = self.run.summary.get("best_acc")
             if best is None or row["val_acc"] > best:
