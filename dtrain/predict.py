@@ -353,11 +353,12 @@ def predict_set(args, acc, console: MainConsole, m: LoadedModel, imageset, cache
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     per_process = PER_PROCESS_BATCH if args.batch_size is None else -(-args.batch_size // world)
     if choose_loader("files", imageset) == "memory":
-        loader = ArrayLoader(imageset, device, per_process, rank, world)
+        loader = ArrayLoader(imageset, device, batch_size=per_process, rank=rank, world=world)
         source = "cache" if cached else "memory"
     else:
         workers = args.workers if args.workers is not None else max(1, min(default_workers() // world, 16))
-        loader = FileLoader(imageset, device, per_process, rank, world, 0, False, workers)
+        loader = FileLoader(imageset, device, batch_size=per_process, rank=rank, world=world, train=False,
+                            workers=workers)
         source = f"PNG files ({workers} decode workers per process)"
     console.print(f"[bold]dtrain predict[/] {m.arch} ({Path(args.checkpoint)}) on {len(imageset):,} images "
                   f"from {source}; {world} process(es) ({str(acc.distributed_type).split('.')[-1]}, "

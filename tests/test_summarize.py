@@ -153,4 +153,5 @@ def test_errors_are_one_line(tmp_path):
 def test_an_unwritable_out_is_one_line(real_run, tmp_path):
     (tmp_path / "file").write_text("x")
     r = summarize([real_run[0]], tmp_path / "file" / "out")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write the summary" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file, not a folder" in r.stderr
+    assert r.stderr.rstrip().endswith("pass --out DIR with a writable folder")
