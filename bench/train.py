@@ -178,16 +178,30 @@ def run_main(argv: list[str], out: Path, timeout: float) -> tuple[list[dict], fl
 
 
 # ---- section 1: throughput -------------------------------------------------------------------------------
-def resnet18(device, channels_last: bool):
+def row_model(device, channels_last: bool, arch: str = "resnet18"):
     from dtrain.models import build_model
-    model = build_model("resnet18", 10).to(device)
+    model = build_model(arch, 10).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def ceiling(device, batch: int, warmup: int, steps: int, compile: bool) -> float:
-    """The training step alone: synthetic normalised images already on the device, bf16, channels_last."""
+def quick_argv(args, arch_override: bool = False) -> list[str]:
+    """dtrain flags of a --quick run: tiny batches; fp32 without CUDA (bf16 autocast on a CPU without bf16 units
+    is emulated, ~8x slower than fp32); --quick-arch instead of resnet18 where arch_override."""
+    if not args.quick:
+        return []
+    argv = ["-b", str(args.quick_batch), "--eval-batch-size", str(args.quick_batch)]
+    if not torch.cuda.is_available():
+        argv += ["--precision", "no"]
+    if arch_override and args.quick_arch != "resnet18":
+        argv += ["--arch", args.quick_arch]
+    return argv
+
+
+def ceiling(device, batch: int, warmup: int, steps: int, compile: bool, arch: str = "resnet18") -> float:
+    """The training step alone: synthetic normalised images already on the device, channels_last, bf16 on CUDA
+    (fp32 on the CPU, where bf16 is emulated)."""
     import torch.nn.functional as F
-    model = resnet18(device, True)
+    model = row_model(device, True, arch)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     step_model = torch.compile(model) if compile else model
@@ -196,7 +210,7 @@ def ceiling(device, batch: int, warmup: int, steps: int, compile: bool) -> float
     y = torch.randint(0, 10, (batch,), device=device, generator=g)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = F.cross_entropy(step_model(x).float(), y)
         loss.backward()
         opt.step()
@@ -226,14 +240,15 @@ class SeedsDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def seeds_pipeline(device, images, labels, batch: int, workers: int, warmup: int, steps: int) -> float:
+def seeds_pipeline(device, images, labels, batch: int, workers: int, warmup: int, steps: int,
+                   arch: str = "resnet18") -> float:
     import torch.nn.functional as F
     import torchvision.transforms as T
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     loader = torch.utils.data.DataLoader(SeedsDataset(images, labels, transform), batch_size=batch, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=workers > 0)
-    model = resnet18(device, False)
+    model = row_model(device, False, arch)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     done, t0, running_loss, correct = 0, None, 0.0, 0
     while done < warmup + steps:
@@ -259,9 +274,7 @@ def seeds_pipeline(device, images, labels, batch: int, workers: int, warmup: int
 def fast_path(args, data, device) -> dict:
     """dtrain itself: 2 epochs of the resnet18-fast recipe; the second epoch's images/s."""
     argv = ["--recipe", args.recipe_fast, "--data-dir", str(data["cifar_dir"]), "--no-download", "--epochs", "2",
-            "--eval-every", "2", "--save-every", "2"]
-    if args.quick:
-        argv += ["-b", str(args.quick_batch), "--eval-batch-size", str(args.quick_batch)]
+            "--eval-every", "2", "--save-every", "2", *quick_argv(args, arch_override=True)]
     if args.compile:
         argv += ["--compile"]
     rows, wall = run_main(argv, Path(args.out) / "runs" / "fastpath", args.timeout)
@@ -273,32 +286,38 @@ def section_throughput(args, data, device) -> dict:
     q = args.quick
     batch = args.quick_batch if q else 512
     warm, steps = (1, 2) if q else (15, 60)
+    arch = args.quick_arch if q else "resnet18"
     res = {"batch": batch}
     log("throughput: model-only ceiling")
-    res["ceiling"] = ceiling(device, batch, warm, steps, False)
+    res["ceiling"] = ceiling(device, batch, warm, steps, False, arch)
+    log(f"throughput: ceiling {res['ceiling']:,.0f} img/s")
     if args.compile:
         log("throughput: model-only ceiling, compiled")
-        res["ceiling_compiled"] = ceiling(device, batch, max(warm, 3), steps, True)
+        res["ceiling_compiled"] = ceiling(device, batch, max(warm, 3), steps, True, arch)
+        log(f"throughput: ceiling compiled {res['ceiling_compiled']:,.0f} img/s")
     log("throughput: fast path (dtrain/main.py, 2 epochs)")
     res["fast"] = fast_path(args, data, device)
+    log(f"throughput: fast path {res['fast']['images_per_second']:,.0f} img/s")
+    if args.skip_seeds_row:
+        return res
     log("throughput: the seeds' pipeline")
     sb = args.quick_batch if q else 128
     res["seeds_batch"], res["seeds_workers"] = sb, args.workers
-    res["seeds"] = seeds_pipeline(device, *data["train"], sb, args.workers, 1 if q else 20, 2 if q else 150)
+    res["seeds"] = seeds_pipeline(device, *data["train"], sb, args.workers, 1 if q else 20, 2 if q else 150, arch)
     return res
 
 
 # ---- section 2: time to accuracy -------------------------------------------------------------------------
 def time_to_accuracy(args, data, arch: str, recipe: str | None) -> dict:
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         argv = ["--arch", arch, "--data-dir", str(data["cifar_dir"]), "--no-download", "--seed", str(seed)]
         if recipe:
             argv += ["--recipe", recipe]
         if args.compile:
             argv += ["--compile"]
         if args.quick:
-            argv += ["--max-steps", "2", "-b", str(args.quick_batch), "--eval-batch-size", str(args.quick_batch)]
+            argv += ["--max-steps", "2", *quick_argv(args, arch_override=arch == "resnet18")]
         log(f"{arch}: seed {seed}")
         rows, wall = run_main(argv, Path(args.out) / "runs" / f"{arch}-{seed}", args.timeout)
         evaluated = [r for r in rows if r.get("val_acc") is not None]
@@ -381,7 +400,7 @@ def section_airbench_pkg(args, data, device) -> dict:
     env = child_env()
     if path:
         env["PYTHONPATH"] = path + os.pathsep + env["PYTHONPATH"]
-    seeds = [str(s) for s in range(args.seeds)]
+    seeds = [str(s) for s in range(args.first_seed, args.first_seed + args.seeds)]
     log(f"airbench package: warm-up + {len(seeds)} runs of train94")
     r = subprocess.run([sys.executable, "-c", DRIVER, *seeds], capture_output=True, text=True, env=env,
                        cwd=data["airbench_dir"], timeout=args.timeout)
@@ -409,16 +428,17 @@ def table(results: dict) -> str:
              "", "| row | what | result |", "| --- | --- | --- |"]
     t = results.get("throughput")
     if t:
-        c, f, s = t["ceiling"], t["fast"]["images_per_second"], t["seeds"]
+        c, f, s = t["ceiling"], t["fast"]["images_per_second"], t.get("seeds")
         lines.append(f"| 1a | ResNet18 training step alone, synthetic data on the device (bf16, channels_last, "
                      f"batch {t['batch']}): the ceiling | {c:,.0f} img/s |")
         if "ceiling_compiled" in t:
             lines.append(f"| 1a' | the same, torch.compile | {t['ceiling_compiled']:,.0f} img/s |")
         lines.append(f"| 1b | dtrain fast path (resnet18-fast recipe: GPU-resident uint8, on-device augmentation, bf16, "
                      f"channels_last, batch {t['batch']}{', compiled' if meta.get('compile') else ''}), epoch 2 | "
-                     f"{f:,.0f} img/s = {f / c:.2f} x ceiling, {f / s:.1f} x seeds |")
-        lines.append(f"| 1c | the seeds' pipeline (PIL transforms, DataLoader {t['seeds_workers']} workers, batch "
-                     f"{t['seeds_batch']}, fp32) | {s:,.0f} img/s |")
+                     f"{f:,.0f} img/s = {f / c:.2f} x ceiling" + (f", {f / s:.1f} x seeds |" if s else " |"))
+        if s:
+            lines.append(f"| 1c | the seeds' pipeline (PIL transforms, DataLoader {t['seeds_workers']} workers, batch "
+                         f"{t['seeds_batch']}, fp32) | {s:,.0f} img/s |")
     for key, label in (("resnet18", "2a"), ("airbench", "2b"), ("airbench-pkg", "3")):
         r = results.get(key)
         if not r:
@@ -452,6 +472,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"), help="runs, results.json and table.md")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--seeds", type=int, default=3, help="runs per time-to-accuracy row (>= 3 for the README)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run are FIRST..FIRST+SEEDS-1 (one seed per "
+                    "call: each call's --out keeps its own results)")
+    ap.add_argument("--skip-seeds-row", action="store_true", help="throughput: leave out row 1c (it compiles "
+                    "nothing, so a second, --compile pass need not repeat it)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile (ceiling, fast path, recipes)")
     ap.add_argument("--recipe-resnet18", default=None, help="recipe for row 2a (default: the arch's default)")
     ap.add_argument("--recipe-airbench", default=None, help="recipe for row 2b (default: the arch's default)")
@@ -466,6 +490,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick-train", type=int, default=256)
     ap.add_argument("--quick-test", type=int, default=64)
     ap.add_argument("--quick-batch", type=int, default=32)
+    ap.add_argument("--quick-arch", default="resnet18", help="with --quick: the model of the throughput rows and "
+                    "of the resnet18 row (e.g. cnn: a smoke run that takes seconds on a CPU)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds = 1 if "--seeds" not in (argv or sys.argv) else args.seeds
