@@ -276,8 +276,8 @@ def train_syncs(argv: list[str]) -> dict:
     original_fit = engine.Trainer.fit
 
     def fit(self):
-        facts.update(log_every=self.cfg.log_every, steps_per_epoch=len(self.train_loader),
-                     total_steps=self.total_steps, grad_accum=self.cfg.grad_accum)
+        facts.update(log_every=self.spec.log_every, steps_per_epoch=len(self.train_loader),
+                     total_steps=self.total_steps, grad_accum=self.spec.grad_accum)
         phase_per_item(self.train_loader, counter, lambda: f"step {self.state.step + 1}",
                        "epoch end (before the reduction)")
         original_train_epoch, original_end_epoch = self.train_epoch, self.end_epoch
@@ -319,7 +319,7 @@ def predict_syncs(argv: list[str]) -> dict:
     from dtrain.data import loader as L
     cuda = torch.cuda.is_available()
     counter, facts = SyncCounter(), {"batches": 0, "pinned": []}
-    original_set, original_tracked, original_host = P.predict_set, P._Tracked.batches, L.ArrayLoader._host_batch
+    original_set, original_tracked, original_host = P.predict_set, P.ShardProgress.batches, L.ArrayLoader._host_batch
 
     def host_batch(self, idx):
         batch = original_host(self, idx)
@@ -349,11 +349,11 @@ def predict_syncs(argv: list[str]) -> dict:
         with counter.counting(cuda):
             return original_set(args, acc, console, m, imageset, cached)
 
-    P.predict_set, P._Tracked.batches, L.ArrayLoader._host_batch = predict_set, tracked_batches, host_batch
+    P.predict_set, P.ShardProgress.batches, L.ArrayLoader._host_batch = predict_set, tracked_batches, host_batch
     try:
         result = P.run(argv)
     finally:
-        P.predict_set, P._Tracked.batches, L.ArrayLoader._host_batch = original_set, original_tracked, original_host
+        P.predict_set, P.ShardProgress.batches, L.ArrayLoader._host_batch = original_set, original_tracked, original_host
     phases = counter.per_phase()
     per_batch = {b: phases.get(f"batch {b}", 0) for b in range(1, facts["batches"] + 1)}
     report = {"cuda": cuda, "counted": cuda, "argv": list(argv), "total": len(counter.events), **facts,
@@ -482,13 +482,13 @@ def profile_run(argv: list[str], warmup: int, steps: int) -> tuple[dict, str]:
     cuda = torch.cuda.is_available()
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     state: dict = {}
-    original = engine.Trainer.end_accumulation
+    original = engine.Trainer.finish_step
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    def end_accumulation(self, *a, **kw):
+    def finish_step(self, *a, **kw):
         agreed = original(self, *a, **kw)
         if self.state.step == warmup:
             sync()
@@ -501,11 +501,11 @@ def profile_run(argv: list[str], warmup: int, steps: int) -> tuple[dict, str]:
             prof.stop()
         return agreed
 
-    engine.Trainer.end_accumulation = end_accumulation
+    engine.Trainer.finish_step = finish_step
     try:
         run(argv)
     finally:
-        engine.Trainer.end_accumulation = original
+        engine.Trainer.finish_step = original
     if "seconds" not in state:
         raise SystemExit(f"the run ended before step {warmup + steps}: nothing profiled")
     return profile_summary(prof, state["seconds"], steps, cuda, state["batch"]), profile_table(prof, cuda)

@@ -22,6 +22,11 @@ training position must have TRAINING_KEYS):
     rng                 torch (and CUDA) RNG states
     train_model, ema_n  with --ema only: the trained (not averaged) weights and the average's count
 
+Checkpoints are verified when read: a .pt is a zip archive whose records carry CRC-32 checksums, and every
+record is checked against its checksum before torch reads a byte of it; an exported .safetensors carries a
+SHA-256 digest of its tensor data in its metadata. A file changed after dtrain wrote it (a flipped bit on a
+disk, a copy cut short) is one line naming it, never weights silently off.
+
 Which settings a resumed run may change is dtrain.resume's; how last.pt and best.pt are written, and in
 which order, dtrain.checkpointer's.
 """
@@ -136,12 +141,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 def safetensors_bytes(ckpt: dict) -> bytes:
     """The checkpoint's model weights and metadata as a .safetensors file's bytes: the tensors, and in the
-    file's (string) metadata the format marker and each of META_KEYS as JSON."""
+    file's (string) metadata the format marker, each of META_KEYS as JSON and the SHA-256 of the tensor data
+    (the bytes after the header, which the metadata's length does not change)."""
     # each tensor its own contiguous copy: safetensors refuses tensors that share memory
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in strip_prefixes(ckpt["model"]).items()}
     metadata = {"format": FORMAT, "version": str(VERSION)}
     metadata.update({k: json.dumps(ckpt.get(k)) for k in META_KEYS})
-    return safetensors_save(tensors, metadata)
+    digest = hashlib.sha256(_safetensors_data(safetensors_save(tensors, metadata))).hexdigest()
+    return safetensors_save(tensors, {**metadata, "sha256": digest})
+
+
+def _safetensors_data(blob: bytes) -> bytes:
+    """The tensor data of a safetensors file: what follows its 8-byte header length and JSON header."""
+    return blob[8 + int.from_bytes(blob[:8], "little"):]
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -158,6 +170,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not zipfile.is_zipfile(path):
         raise UserError(f"checkpoint {path} cannot be read: it is not a PyTorch checkpoint (a text file, random "
                         f"bytes, or a file cut short); give a last.pt or best.pt written by dtrain/main.py")
+    verify(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # untrusted bytes: torch's unpickler raises all kinds
@@ -167,6 +180,38 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise UserError(f"{path} is not a dtrain checkpoint (it lacks format={FORMAT!r}); train with "
                         f"dtrain/main.py to make one")
     return check_model_meta(ckpt, path)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose bytes changed after dtrain wrote it; the message names the file and the way out."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = Path(path)
+        super().__init__(f"checkpoint {path} is damaged: {what}, so it changed after dtrain wrote it (a disk or "
+                         f"copy error); {other_checkpoint_advice(self.path)}")
+
+
+def other_checkpoint_advice(path: Path) -> str:
+    """What to use instead of a damaged `path`: its run's other checkpoint where there is one, else an earlier
+    run or a fresh start."""
+    if path.suffix == ".safetensors":
+        return "export it again from the run's checkpoint with dtrain export"
+    other = {"last.pt": "best.pt", "best.pt": "last.pt"}.get(path.name)
+    if other is not None and (path.parent / other).is_file():
+        return (f"use {path.parent / other} instead (to resume from it: copy it over last.pt, then --resume auto; "
+                f"the steps since it was written are lost), or an earlier run")
+    return "use another checkpoint of the run or an earlier run, or start a fresh run in another --output-dir"
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check every record of a .pt (a zip archive) against its CRC-32; a DamagedCheckpoint if one fails."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise DamagedCheckpoint(Path(path), f"its zip archive cannot be read ({e})") from None
+    if bad is not None:
+        raise DamagedCheckpoint(Path(path), f"its record {bad} fails its CRC check")
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
@@ -184,6 +229,8 @@ def load_safetensors(path: str | os.PathLike) -> dict:
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} holds weights without dtrain's metadata; export it with dtrain export")
+    if "sha256" in metadata and hashlib.sha256(_safetensors_data(path.read_bytes())).hexdigest() != metadata["sha256"]:
+        raise DamagedCheckpoint(path, "its tensor data does not match the SHA-256 digest written with it")
     missing = [k for k in META_KEYS if k not in metadata]
     if missing:
         raise UserError(f"{path} is incomplete: its metadata lacks {', '.join(missing)}")
@@ -224,9 +271,10 @@ def _load_error(e: Exception) -> str:
 
 
 def read_step(path: str | os.PathLike) -> int | None:
-    """The step of the checkpoint at `path`, or None when it is missing or unreadable (no check of the rest)."""
+    """The step of the checkpoint at `path`, or None when it is missing, damaged or unreadable."""
     try:
+        verify(path)
         held = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except UNREADABLE:
+    except (UserError, *UNREADABLE):
         return None
     return held.get("step") if isinstance(held, dict) else None

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dtrain.checkpoint import all_finite, read_step, save_checkpoint
-from dtrain.distributed import run_on_main
+from dtrain.checkpoint import all_finite, read_step, save_checkpoint, verify
+from dtrain.distributed import note_saved, run_on_main
 from dtrain.files import atomic_write
 
 
@@ -71,15 +71,20 @@ class Checkpointer:
             return False
         self.last_good = Saved(self.last, *position)
         self.last_save = time.monotonic()
+        note_saved(f"{self.last} holds the last save (step {position[1]}); resume with --resume auto")
         return True
 
     def _write(self, state: dict, best: bool) -> bool:
+        """Main process: write and read back (the CRCs of every record: the last good checkpoint is only ever
+        a verified file)."""
         if not all_finite(state["model"], state.get("train_model"), state["optimizer"]):
             return False
         save_checkpoint(self.last, {**self.meta, **state})
+        verify(self.last)
         if best:
             with open(self.last, "rb") as source:
                 atomic_write(self.best, lambda f: shutil.copyfileobj(source, f))
+            verify(self.best)
         return True
 
     def resumed(self, path: Path, ckpt: dict) -> bool:
@@ -87,6 +92,7 @@ class Checkpointer:
         repaired when it is older than the best state the checkpoint records. Every process together;
         returns whether best.pt was rewritten."""
         self.last_good = Saved(Path(path), ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"])
+        note_saved(f"{path} holds the last save (step {ckpt['step']}); resume with --resume auto")
         return run_on_main(self.acc, lambda: self._repair_best(ckpt))
 
     def _repair_best(self, ckpt: dict) -> bool:

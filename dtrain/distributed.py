@@ -27,6 +27,12 @@ from dtrain.errors import UserError
 DEFAULT_TIMEOUT = 600.0
 _timeout = {"seconds": DEFAULT_TIMEOUT}  # the process group's collective timeout, for the groups made later
 _gloo_groups = []  # the groups cpu_group made, for leave_process_groups
+_saved = {"advice": "nothing was saved before it: run the same command again to start"}  # for lost_peer_message
+
+
+def note_saved(advice: str) -> None:
+    """What a lost peer's line tells about the run's files from now on (the checkpointer says it after a save)."""
+    _saved["advice"] = advice
 
 
 def make_accelerator(precision: str | None = None, timeout: float = DEFAULT_TIMEOUT, cpu: bool = False) -> Accelerator:
@@ -118,7 +124,7 @@ def lost_peer_message(error: BaseException, rank: int, world: int, timeout: floa
         who = "another process"
     what = f"stopped answering for {timeout:g} s (--dist-timeout)" if timed_out else "was lost (its connection closed)"
     reason = re.sub(r"^\[[^\]]*\] *", "", text.strip().splitlines()[0]) if text.strip() else type(error).__name__
-    return f"{who} {what}: the job stops; its last.pt holds the last save; resume with --resume auto (torch: {reason})"
+    return f"{who} {what}: the job stops; {_saved['advice']} (torch: {reason})"
 
 
 def lost_peer_line(error: RuntimeError) -> str | None:

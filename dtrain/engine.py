@@ -28,7 +28,7 @@ from torch import nn
 
 from dtrain.checkpointer import Checkpointer
 from dtrain.data.augment import BatchRNG
-from dtrain.distributed import sync_buffers
+from dtrain.distributed import run_on_main, sync_buffers
 from dtrain.ema import WeightAverage
 from dtrain.epoch_row import epoch_row
 from dtrain.errors import TrainingDiverged, UserError
@@ -50,9 +50,12 @@ class EpochMeter:
 
     SIZE = 4
 
-    def __init__(self, device="cpu", values=(0.0, 0.0, 0.0, 0.0)):
-        values = list(values) + [0.0] * (self.SIZE - len(values))  # checkpoints before the skipped count
-        self.sums = torch.tensor(values, dtype=torch.float64, device=device)
+    def __init__(self, device="cpu", values=None):
+        if values is None:  # zeros made on the device: no copy from the host
+            self.sums = torch.zeros(self.SIZE, dtype=torch.float64, device=device)
+        else:
+            values = list(values) + [0.0] * (self.SIZE - len(values))  # checkpoints before the skipped count
+            self.sums = torch.tensor(values, dtype=torch.float64, device=device)
 
     def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int, finite_only: bool = False) -> None:
         # torch.full, not torch.tensor: a blocking host-to-device copy would sync every step
@@ -67,6 +70,8 @@ class EpochMeter:
         self.sums[3] += skipped.double()
 
     def to(self, device) -> "EpochMeter":
+        if self.sums.device == torch.device(device):
+            return self
         return EpochMeter(device, self.to_list())
 
     def reduced(self, accelerator) -> "EpochMeter":
@@ -177,6 +182,15 @@ class Clock:
         self.window_start, self.window_images = time.perf_counter(), 0
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is an allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "Cannot allocate memory" in text
+                                                or "out of memory" in text)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -201,7 +215,7 @@ class Trainer:
         self.train_loader, self.val_loader = parts.train_loader, parts.val_loader
         self.train_pipe, self.eval_pipe, self.val_labels = parts.train_pipe, parts.eval_pipe, parts.val_labels
         self.checkpoints, self.report, self.stop = checkpointer, reporters, stop
-        self.state = TrainState()
+        self.state = TrainState(meter=EpochMeter(accelerator.device))
         self.ema = WeightAverage(self.module, spec.ema, spec.lookahead) if spec.ema else None
         # evaluation runs the module beneath DDP (no collective in its forward, so a process with an empty
         # validation shard makes the same calls as the others), after its buffers are made rank 0's
@@ -390,11 +404,11 @@ class Trainer:
             self.warm_up_eval()
         try:
             while s.epoch < self.spec.epochs and s.step < self.total_steps:
-                stopped_by = self.train_epoch()
+                stopped_by = self.in_memory(self.train_epoch, training=True)
                 if stopped_by:
                     self.leave_on_signal(stopped_by)
                     break
-                last_eval = self.end_epoch()
+                last_eval = self.in_memory(self.end_epoch, training=False)
         except TrainingDiverged:
             self.acc.end_training()  # every process stops at this point: they leave the process group together
             raise
@@ -407,6 +421,25 @@ class Trainer:
         if not stopped_by:
             self.report.end(summary, last_eval)
         return summary
+
+    def in_memory(self, phase: Callable, training: bool):
+        """phase(), with an allocation that fails turned into one line that says which batch to make smaller
+        (the run's files stay as they were at its last save)."""
+        try:
+            return phase()
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            world = self.acc.num_processes
+            if training:
+                n, k = self.train_loader.batch_size, self.spec.grad_accum
+                raise UserError(f"out of memory in a training step of {n} images per process (--batch-size "
+                                f"{n * world * k} over {world} process(es), --grad-accum {k}): lower --batch-size, or "
+                                f"keep the global batch with --grad-accum {2 * k} (each step in {2 * k} parts of "
+                                f"{max(1, n // 2)}); the run's files are as at its last save") from None
+            n = self.val_loader.batch_size
+            raise UserError(f"out of memory evaluating batches of {n} images per process (--eval-batch-size "
+                            f"{n * world}): lower --eval-batch-size; the run's files are as at its last save") from None
 
     def train_epoch(self) -> int:
         """Train from the saved position to the end of the epoch, --max-steps or a stop signal (returned)."""
@@ -477,10 +510,10 @@ class Trainer:
         best = ev is not None and (s.best_acc is None or ev.acc > s.best_acc)
         if best:
             s.best_acc, s.best_step = ev.acc, s.step
-        self.report.epoch(row, ev)
+        run_on_main(self.acc, lambda: self.report.epoch(row, ev))  # a write error (metrics.jsonl) ends every process
         if finished:
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            s.meter, s.epoch_seconds = EpochMeter(), 0.0
+            s.meter, s.epoch_seconds = EpochMeter(self.acc.device), 0.0
         else:  # stopped mid-epoch by --max-steps: a resumed run completes this epoch's figures
             s.meter = total
         if best or last or not finished or (epoch + 1) % spec.save_every == 0:

@@ -6,6 +6,8 @@ or the weights became NaN or infinite; the last good checkpoint kept); 4 a lost 
 """
 import sys
 
+from dtrain.signals import StartupStopped
+
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_PEER_LOST = 4
@@ -33,6 +35,9 @@ def run_command(run, argv=None) -> None:
         message, status = str(e), EXIT_DIVERGED
     except KeyboardInterrupt:
         message, status = "interrupted", EXIT_USER_ERROR
+    except StartupStopped as e:
+        print(e, flush=True)  # the run's own line, like a stop during training: on stdout, exit 0
+        message, status = None, 0
     except RuntimeError as e:
         message, status = _lost_peer(e), EXIT_PEER_LOST
         if message is None:
@@ -41,9 +46,10 @@ def run_command(run, argv=None) -> None:
         distributed = sys.modules.get("dtrain.distributed")  # loaded only by commands that run processes
         if distributed is not None:
             distributed.leave_process_groups()
-    # one write: a job's processes share stderr, and a newline written apart lets their lines run together
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
+    if message is not None:
+        # one write: a job's processes share stderr, and a newline written apart lets their lines run together
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
     sys.exit(status)
 
 

@@ -6,8 +6,8 @@
     accelerate launch --multi_gpu --num_processes 8 dtrain/main.py --arch googlenet --epochs 100
     python dtrain/main.py --arch cnn --dataset fake --epochs 1          # one process, also fine
 
-`run` reads top to bottom: settings -> processes -> the output folder -> what to resume -> data -> model
--> trainer -> fit.
+`run` and `train` read top to bottom: settings -> processes -> the output folder -> what to resume -> data
+-> model -> trainer -> fit.
 """
 from __future__ import annotations
 
@@ -168,6 +168,14 @@ def run(argv=None) -> dict | None:
     cfg = settings.from_command_line(argv)
     if cfg is None:
         return None
+    stop = StopSignal().install()   # until training begins, a stop signal ends the start-up at once
+    try:
+        return train(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def train(cfg, stop: StopSignal) -> dict:
     acc = make_accelerator(cfg.precision, cfg.dist_timeout, cfg.cpu)
     compile_spec = CompileSpec() if cfg.compile else compiled.launcher_request()
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
@@ -189,13 +197,12 @@ def run(argv=None) -> dict | None:
 
         reporters = on_every_process(acc, lambda: make_reporters(cfg, out, None if resume is None else resume.epoch,
                                                                  acc.is_main_process))
-        stop = StopSignal().install()
         parts = TrainParts(model=model, module=module, optimizer=optimizer, train_loader=data.train_loader,
                            val_loader=data.val_loader, train_pipe=data.train_pipe, eval_pipe=data.eval_pipe,
                            val_labels=data.val_set.labels,
                            compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None)
         trainer = Trainer(LoopSpec.from_config(cfg), ScheduleSpec.from_config(cfg), acc, parts,
-                          Checkpointer(out, acc, meta, cfg.save_every_minutes), reporters, stop)
+                          Checkpointer(out, acc, meta, cfg.save_every_minutes), reporters, stop.training())
         if resume is not None:
             trainer.resume_from(resume)
             reporters.message(resume.describe())
@@ -205,7 +212,6 @@ def run(argv=None) -> dict | None:
         try:
             summary = trainer.fit()
         finally:
-            stop.uninstall()
             reporters.close()
         acc.end_training()
     return summary

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from dtrain.distributed import cpu_group
-from dtrain.signals import SIGNALS, ignore_stop_signals
+from dtrain.signals import SIGNALS, StartupStopped, ignore_stop_signals
+
 
 class Agreement(NamedTuple):
     """What every process learns at a step boundary."""
@@ -38,9 +39,14 @@ class Agreement(NamedTuple):
 
 
 class StopSignal:
+    """`StopSignal().install()` at the start of a run: until `training()`, a stop signal ends the start-up at
+    once (dtrain.signals.StartupStopped: nothing is trained yet, so nothing is lost); from then on it is
+    recorded and the loop honours it at a step boundary."""
+
     def __init__(self):
         self.signum = 0
         self.interrupts = 0
+        self.started = False      # training began: signals are recorded, not raised
         self.group = None
         self._pending = None      # (flags, work) of the all-reduce posted at the last step, not yet collected
         self._previous = {}
@@ -50,12 +56,19 @@ class StopSignal:
     def install(self) -> "StopSignal":
         for s in SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def training(self) -> "StopSignal":
+        """Training begins: from now on signals are recorded. On several processes every process must call
+        this together (it makes the gloo group the flags travel in, off the GPU stream)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # every rank must create the group; gloo keeps the flag exchange off the GPU stream
             self.group = cpu_group()
+        self.started = True
         return self
 
     def _handle(self, signum, frame) -> None:
+        if not self.started:
+            raise StartupStopped(signum)
         if signum == signal.SIGINT:
             self.interrupts += 1
             if self.interrupts >= self._interrupts_to_abort:

@@ -103,8 +103,13 @@ def data_differences(ckpt: dict, meta: dict) -> list[str]:
     """How this run's data differs from the checkpoint's run's."""
     before, now = (m.get("data") if isinstance(m.get("data"), dict) else {} for m in (ckpt, meta))
     classes_before, classes_now = list(ckpt["classes"]), list(meta["classes"])
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    labels_before, labels_now = saved.get("cifar100_labels"), meta.get("config", {}).get("cifar100_labels")
     diffs = []
-    if len(classes_before) != len(classes_now):
+    if saved.get("dataset") == "cifar100" and labels_before not in (None, labels_now):
+        diffs.append(f"--cifar100-labels is {labels_now!r} here but {labels_before!r} in the checkpoint "
+                     f"({len(classes_now)} classes here, {len(classes_before)} there)")
+    elif len(classes_before) != len(classes_now):
         diffs.append(f"the data has {len(classes_now)} classes here but {len(classes_before)} in the checkpoint "
                      f"(--num-classes, or other data)")
     elif classes_before != classes_now:

@@ -181,35 +181,44 @@ class RunLock:
         for _ in range(5):
             if self._create():
                 break
-            holder, age = self._read()
+            holder, age, seen = self._read()
             why = self._stale(holder, age)
             if why is None:
                 raise UserError(self._in_use(holder))
-            self._take_over(holder, why)
+            self._take_over(seen, holder, why)
         else:
             raise UserError(f"{self.path} keeps changing hands: another run is starting in {self.out}; use "
                             f"another --output-dir")
-        self.owner_pid = os.getpid()
-        atexit.register(self.release)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
 
     def _create(self) -> bool:
+        """Take the lock if nobody holds it: create the file (O_EXCL) with this run's record. A write that
+        fails (a full disk) removes the file again: no empty or half lock is left to refuse later runs."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         except OSError as e:
             raise write_error(self.path, e) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._record(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.owner_pid = os.getpid()
+            atexit.register(self.release)
+        except BaseException as e:  # a full disk, or a stop signal during start-up: no half lock stays
+            self.path.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise write_error(self.path, e) from None
+            raise
         return True
 
     def _read(self):
-        """The holder's record (None if unreadable) and the lock's age in seconds on the file server's clock."""
+        """The holder's record (None if unreadable), the lock's age in seconds on the file server's clock and
+        its bytes (None: no lock)."""
         probe = self.out / f".{LOCK_NAME}.{self.token}"
         try:
             probe.write_bytes(b"")
@@ -219,18 +228,18 @@ class RunLock:
         finally:
             probe.unlink(missing_ok=True)
         try:
-            with open(self.path) as f:  # opening revalidates the attributes NFS caches
+            with open(self.path, "rb") as f:  # opening revalidates the attributes NFS caches
                 age = now - os.fstat(f.fileno()).st_mtime
-                text = f.read()
+                seen = f.read()
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         except OSError as e:
             raise UserError(f"cannot read the lock file {self.path}: {e.strerror}; pass another --output-dir")
         try:
-            holder = json.loads(text)
+            holder = json.loads(seen)
         except ValueError:
             holder = None
-        return (holder if isinstance(holder, dict) else None), age
+        return (holder if isinstance(holder, dict) else None), age, seen
 
     def _stale(self, holder, age) -> str | None:
         """Why the lock's holder is gone, or None if it may still be running."""
@@ -254,17 +263,19 @@ class RunLock:
             return f"it was last refreshed {age:.0f} s ago (a live run refreshes it every {HEARTBEAT_SECONDS:.0f} s)"
         return None
 
-    def _take_over(self, holder, why: str) -> None:
+    def _take_over(self, seen: bytes, holder, why: str) -> None:
+        """Move the stale lock aside, compare-and-swap: only if what was moved is what was judged stale (the
+        same bytes); a lock another run created in between, readable or not yet, is put back."""
         aside = self.out / f".{LOCK_NAME}.stale.{self.token}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
         try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
+            moved = aside.read_bytes()
+        except OSError:
             moved = None
-        if holder is not None and (not isinstance(moved, dict) or moved.get("token") != holder.get("token")):
+        if moved != seen:
             try:  # another run took the lock in between: give it back
                 os.link(aside, self.path)
             except OSError:

@@ -98,6 +98,20 @@ dtrain_wait() {
     done
 }
 
+# dtrain_launcher_ended RC: when torchrun ended with a failure (not a signal), the line that says what
+# happened and what to do: torchrun's own report ends with a traceback. It ends that way once the
+# worker group has failed more often than it may restart (or an attempt failed with an error dtrain
+# knows a restart cannot fix, which ends the restarts at once).
+dtrain_launcher_ended() {
+    local rc=$1
+    if [[ $rc -ne 0 && $rc -lt 128 ]]; then
+        echo "dtrain: the job failed and torchrun's restarts are used up (torchrun exit $rc): the cause is" \
+            "above (the workers' 'error:' lines, or the first failure in torchrun's report); once it is" \
+            "fixed, run the same command again (training continues from its last save with --resume auto" \
+            "--output-dir <the folder its start printed as 'output: ...'>)" >&2
+    fi
+}
+
 # The Python interpreter: DTRAIN_PYTHON, else python, else python3.
 dtrain_python() {
     if [[ -n ${DTRAIN_PYTHON:-} ]]; then

@@ -21,4 +21,13 @@ if [[ $DTRAIN_ON_CPU == 1 ]]; then
 fi
 dtrain_threads
 dtrain_torchrun 1 --standalone
-exec "${DTRAIN_LAUNCHER[@]}" "$root/dtrain/main.py" "$@"
+# torchrun runs as a child, so that its end can be reported. Ctrl-C in a terminal reaches torchrun
+# itself (the whole process group gets it); a SIGTERM sent to this script alone (timeout, docker
+# stop, kill) is passed on to torchrun, which passes it to the training processes.
+"${DTRAIN_LAUNCHER[@]}" "$root/dtrain/main.py" "$@" &
+launcher_pid=$!
+trap 'DTRAIN_TRAPPED=1' INT
+trap 'DTRAIN_TRAPPED=1; kill -TERM "$launcher_pid" 2>/dev/null' TERM
+dtrain_wait "$launcher_pid"
+dtrain_launcher_ended "$DTRAIN_RC"
+exit "$DTRAIN_RC"

@@ -147,4 +147,5 @@ fi
 if [[ -n $stop_signal || $rc -ne 0 ]]; then
     log "launcher exited with status $rc"
 fi
+dtrain_launcher_ended "$rc"
 exit "$rc"

@@ -90,14 +90,14 @@ def test_second_ctrl_c_aborts_at_once_and_signals_after_a_stop_are_absorbed(monk
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     try:
-        stop = StopSignal().install()
+        stop = StopSignal().install().training()
         assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT            # the first Ctrl-C asks for a save
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)        # the second aborts
             time.sleep(1)
-        stop = StopSignal().install()
+        stop = StopSignal().install().training()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.exchange().signum == signal.SIGTERM     # the loop saves and stops from here on
         for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -111,20 +111,6 @@ def test_second_ctrl_c_aborts_at_once_and_signals_after_a_stop_are_absorbed(monk
 
 
 # ---- the output folder and its files -----------------------------------------------------------------
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 8 MiB tmpfs of its own (root only), unmounted afterwards."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
 
 def one_error_line(r) -> str:
     assert r.returncode == 2, r.stdout + r.stderr

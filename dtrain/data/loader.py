@@ -86,8 +86,12 @@ class MemoryLoader(ShardedLoader):
         index_batches = self.index_batches(epoch, start)
         if not index_batches:
             return
-        # the epoch's indices go to the device in one copy; batches are views of it
-        flat = torch.cat(index_batches).to(self.device, non_blocking=True)
+        # the epoch's indices go to the device in one copy (from pinned memory: the host does not wait);
+        # batches are views of it
+        flat = torch.cat(index_batches)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
         for idx in flat.split([len(b) for b in index_batches]):
             yield self.images[idx], self.labels[idx], idx
 

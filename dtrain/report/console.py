@@ -35,6 +35,12 @@ def warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def capped(images: int, processes: int, per_process: int) -> str:
+    """The note for a batch larger than the data: each process's batch is its whole shard of the images."""
+    shard = -(-images // processes)
+    return f"; capped: only {images:,} training images, {shard:,} per process" if shard < per_process else ""
+
+
 class MainConsole:
     """Prints and progress bars on the main process; silent on the others."""
 
@@ -101,7 +107,8 @@ class ConsoleReporter:
                            f"{info['parameters']:,} parameters")
         self.console.print(f"processes: {info['world_size']} ({info['distributed_type']}, device "
                            f"{info['device']}), world size {info['world_size']}, global batch {cfg.batch_size} "
-                           f"({info['per_process_batch']} per process x {cfg.grad_accum} accumulation), "
+                           f"({info['per_process_batch']} per process x {cfg.grad_accum} accumulation"
+                           f"{capped(info['train_size'], info['world_size'], info['per_process_batch'])}), "
                            f"precision {info['precision']}"
                            + (f", compiled (static shapes; asked by {info['compile']})" if info.get("compile") else ""))
         self.console.print(f"output: {info['output_dir']}")

@@ -19,6 +19,7 @@ id is passed or resumed.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from dtrain.files import make_folder, write_text
 from dtrain.sweep import group_name
 
 ID_FILE = "wandb_id"
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")   # what W&B accepts as a run id
 PROBE_SECONDS = 10.0
 INIT_TIMEOUT = 20.0
 FINISH_TIMEOUT = 120.0
@@ -101,10 +103,25 @@ class WandbReporter:
                       dir=str(self.output_dir), config=spec.config)
         id_file = self.output_dir / ID_FILE
         if not os.environ.get("WANDB_SWEEP_ID"):
-            kwargs.update(id=id_file.read_text().strip() if id_file.exists() else None, resume="allow")
+            kwargs.update(id=self._saved_id(id_file), resume="allow")
         self.run = self._init(kwargs)
         write_text(id_file, self.run.id)
         self.classes = None
+
+    def _saved_id(self, id_file: Path) -> str | None:
+        """The W&B run id an earlier attempt of this run wrote, or None: none yet, or a damaged file (empty
+        after a kill or a full disk, not text, not an id), which is said and replaced by a new run's id."""
+        if not id_file.exists():
+            return None
+        try:
+            run_id = id_file.read_bytes().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            run_id = None
+        if run_id is not None and RUN_ID.fullmatch(run_id):
+            return run_id
+        self.say(f"warning: {id_file} is damaged (not a W&B run id): this run logs to a new W&B run, whose id "
+                 f"replaces it; the earlier W&B run keeps what it logged")
+        return None
 
     def _init(self, kwargs: dict):
         wandb = self.wandb
