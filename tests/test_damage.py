@@ -100,7 +100,8 @@ def test_a_damaged_wandb_id_is_replaced_by_a_new_run_and_the_run_resumes(tmp_pat
     assert re.fullmatch(r"[a-z0-9]+", (out / "wandb_id").read_text()) and len(metrics(out)) == 2
 
 
-@pytest.mark.parametrize("content", [b"", b"\xff" * 8, b"x" * 5000, b"not an id!"])
+@pytest.mark.parametrize("content", [b"", b"\xff" * 8, b"x" * 5000, b"not an id!"],
+                         ids=["empty", "not-utf8", "5000-chars", "not-an-id"])
 def test_every_kind_of_damaged_wandb_id_is_said_and_dropped(tmp_path, content):
     from dtrain.report.wandb import WandbReporter
     said = []
