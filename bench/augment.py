@@ -10,7 +10,7 @@ Rows, each timed on uint8 batches (random images) as the training loop would han
   trivialaugment+mix   the headline comparison: TrivialAugmentWide, then to float and normalised, then MixUp or
                        CutMix (alphas 0.8 and 1.0, even odds). torchvision: TrivialAugmentWide() called on each
                        image in a loop, the images stacked, then v2.RandomChoice([MixUp, CutMix]) on the batch;
-                       policies.py: AugmentPolicy("trivialaugment") on the batch, then mix_batch.
+                       policies.py: AugmentPolicy("trivialaugment") on the batch, then mixing.mix_batch.
   trivialaugment, randaugment, autoaugment
                        the policy alone (RandAugment: 2 operations at bin 9 of 31; AutoAugment: CIFAR-10).
   trivialaugment, every op + where
@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dtrain.data import policies  # noqa: E402
+from dtrain.data import mixing, policies  # noqa: E402
 from dtrain.data.augment import batch_seed  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -80,7 +80,7 @@ def batched_then_mix(policy, generator, device: str):
 
     def run(x, y, step):
         out = normalise(policy(x, generator.manual_seed(step)))
-        return policies.mix_batch(out, y, NUM_CLASSES, batch_seed(0, 0, step, -1), MIXUP_ALPHA, CUTMIX_ALPHA, 1.0)
+        return mixing.mix_batch(out, y, NUM_CLASSES, batch_seed(0, 0, step, -1), MIXUP_ALPHA, CUTMIX_ALPHA, 1.0)
     return run
 
 

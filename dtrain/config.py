@@ -157,6 +157,22 @@ class Config:
     translate: float = _f(0.0, "random translation, fraction of the image size (0: off)", check=in_range(0, 1),
                           policy=CHANGES)
     rotate: float = _f(0.0, "random rotation up to this many degrees (0: off)", check=in_range(0, 180), policy=CHANGES)
+    augment_policy: str = _f("none", "per-image policy, each image drawing its own operation(s) and magnitude, "
+                             "before the crop and flip: AutoAugment's CIFAR-10 policy, RandAugment, or "
+                             "TrivialAugment (TrivialAugmentWide's ranges)",
+                             ["none", "autoaugment", "randaugment", "trivialaugment"], policy=CHANGES)
+    randaugment_ops: int = _f(2, "randaugment: operations per image (N)", check=at_least(1), policy=CHANGES)
+    randaugment_magnitude: int = _f(9, "randaugment: magnitude M of 31 bins (0-30)", check=in_range(0, 30),
+                                    policy=CHANGES)
+    random_erasing: float = _f(0.0, "random erasing: the chance each image gets a rectangle of 2-33%% of its area "
+                               "and aspect 0.3-3.3 set to the mean, after Cutout (0: off)", check=in_range(0, 1),
+                               policy=CHANGES)
+    mixup: float = _f(0.0, "MixUp alpha: mix each image with a partner by a Beta(alpha, alpha) weight (0: off)",
+                      check=at_least(0), policy=CHANGES)
+    cutmix: float = _f(0.0, "CutMix alpha: paste a box from a partner, its area by Beta(alpha, alpha) (0: off)",
+                       check=at_least(0), policy=CHANGES)
+    mix_prob: float = _f(1.0, "the chance a batch is mixed (with both --mixup and --cutmix, each mixed batch "
+                         "picks one, even odds)", check=in_range(0, 1), policy=CHANGES)
     # optimisation
     epochs: int = _f(30, "training epochs", check=at_least(1), policy=CHANGES)
     max_steps: int | None = _f(None, "stop after this many optimiser steps (smoke tests)", check=at_least(1),

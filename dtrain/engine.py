@@ -153,6 +153,7 @@ class TrainParts:
     eval_pipe: Any
     val_labels: torch.Tensor
     compile: Callable[[nn.Module], nn.Module] | None = None  # how the evaluated module is compiled (if it is)
+    mix: Callable | None = None  # MixUp/CutMix: mix(x, y, epoch, batch) -> (x, soft targets) (dtrain.data.mixing)
 
 
 class Clock:
@@ -222,12 +223,14 @@ class Trainer:
         self.eval_module = self.ema.module if self.ema is not None else self.module
         self.eval_model = parts.compile(self.eval_module) if parts.compile else self.eval_module
         self.scaler = accelerator.scaler  # fp16's GradScaler, or None
-        self.rng = BatchRNG(accelerator.device, spec.seed, accelerator.process_index)
+        self.rng = BatchRNG(accelerator.device, spec.seed)
         self.steps_per_epoch = -(-len(self.train_loader) // spec.grad_accum)
         total = spec.epochs * self.steps_per_epoch
         self.total_steps = min(total, spec.max_steps) if spec.max_steps is not None else total
         self.schedule = LRSchedule(self.opt, schedule, self.steps_per_epoch, self.total_steps)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+        self.mix = parts.mix
+        # mixed batches come with soft targets that carry the label smoothing already
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.0 if self.mix else spec.label_smoothing)
         self.clock = Clock()
 
     # ---- the state of a run ------------------------------------------------------------------------
@@ -319,13 +322,17 @@ class Trainer:
         return total
 
     # ---- one step ----------------------------------------------------------------------------------
-    def train_step(self, x, y, sync: bool):
+    def train_step(self, x, target, sync: bool):
+        """Forward and backward of one (micro-)batch: (loss, correct predictions), both on the device. The
+        target is the labels, or under MixUp/CutMix soft targets, whose largest weight is the class a
+        prediction must hit to count as correct (train_acc)."""
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
         model = module_for(self.model, len(x), self.train_loader.batch_size)
         with ctx:
-            loss, logits = training_loss(self.module, model(x), y, self.criterion)
+            loss, logits = training_loss(self.module, model(x), target, self.criterion)
             self.acc.backward(loss / self.spec.grad_accum)
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        label = target.argmax(1) if target.dim() == 2 else target
+        return loss.detach(), (logits.argmax(1) == label).sum()
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step, schedule, average. Under fp16's GradScaler returns whether the scaler skipped the
@@ -452,8 +459,11 @@ class Trainer:
         for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
             batch_started = time.perf_counter()
             x = self.train_pipe(x, self.rng.batch(epoch, b))
+            target = y
+            if self.mix is not None:
+                x, target = self.mix(x, y, epoch, b)
             sync = (b + 1) % spec.grad_accum == 0 or b + 1 == nb
-            loss, correct = self.train_step(x, y, sync)
+            loss, correct = self.train_step(x, target, sync)
             meter.add(loss, correct, len(y), finite_only=self.scaler is not None)
             self.clock.window_images += len(y)
             if sync:

@@ -38,6 +38,7 @@ from dtrain.compiled import CompileSpec
 from dtrain.data import load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
+from dtrain.data.mixing import Mixer, MixSpec
 from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_every_process, on_main_first,
                                 process_batch_sizes, run_on_main)
 from dtrain.engine import LoopSpec, Trainer, TrainParts
@@ -112,7 +113,8 @@ def build_data(cfg, acc, batch: int, eval_batch: int, resume: Resume | None) -> 
     return Data(train_set, val_set, mean, std, kind,
                 train_loader=make_loader(train_set, kind, batch_size=batch, train=True, **shard),
                 val_loader=make_loader(val_set, kind, batch_size=eval_batch, train=False, **shard),
-                train_pipe=Pipeline(AugmentSpec.from_config(cfg), mean, std, acc.device, cfg.channels_last),
+                train_pipe=Pipeline(AugmentSpec.from_config(cfg), mean, std, acc.device, cfg.channels_last,
+                                    rank=acc.process_index, world=acc.num_processes),
                 eval_pipe=Pipeline(AugmentSpec(), mean, std, acc.device, cfg.channels_last))
 
 
@@ -151,6 +153,12 @@ def build_training_model(cfg, acc, meta: dict, data: Data, *, fresh: bool, compi
         compiled.start_workers()
         model = compiled.compile_module(model, compile_spec)
     return model, module, optimizer
+
+
+def mixer(cfg, *, num_classes: int, world: int) -> Mixer | None:
+    """MixUp/CutMix of the training batches, when --mixup or --cutmix asks."""
+    spec = MixSpec.from_config(cfg)
+    return None if spec is None else Mixer(spec, num_classes, world)
 
 
 def run_info(acc, data: Data, module, batch: int, out: Path, compile_spec: CompileSpec | None) -> dict:
@@ -200,7 +208,8 @@ def train(cfg, stop: StopSignal) -> dict:
         parts = TrainParts(model=model, module=module, optimizer=optimizer, train_loader=data.train_loader,
                            val_loader=data.val_loader, train_pipe=data.train_pipe, eval_pipe=data.eval_pipe,
                            val_labels=data.val_set.labels,
-                           compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None)
+                           compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None,
+                           mix=mixer(cfg, num_classes=meta["num_classes"], world=acc.num_processes))
         trainer = Trainer(LoopSpec.from_config(cfg), ScheduleSpec.from_config(cfg), acc, parts,
                           Checkpointer(out, acc, meta, cfg.save_every_minutes), reporters, stop.training())
         if resume is not None:

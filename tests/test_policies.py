@@ -8,8 +8,9 @@ import torch
 from torchvision.transforms.v2 import TrivialAugmentWide
 from torchvision.transforms.v2 import functional as TF
 
+from dtrain.data import mixing as M
 from dtrain.data import policies as P
-from dtrain.data.augment import batch_seed
+from dtrain.data.augment import batch_seed, random_erasing
 
 NEAREST = TF.InterpolationMode.NEAREST
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
@@ -279,7 +280,7 @@ def erased_boxes(out):
 def test_random_erasing_rectangles():
     n, size = 4000, 32
     x = torch.ones(n, 3, size, size)
-    out = P.random_erasing(x, 0.5, torch.Generator().manual_seed(0))
+    out = random_erasing(x, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(out[:, 0] == 0, out[:, 2] == 0) and ((out == 0) | (out == 1)).all()
     boxes = [b for b in erased_boxes(out) if b is not None]
     assert abs(len(boxes) / n - 0.5) < 0.03
@@ -298,16 +299,16 @@ def test_random_erasing_rectangles():
 
 def test_random_erasing_value_probability_and_fallback():
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(P.random_erasing(x, 0.0, torch.Generator().manual_seed(1)), x)
-    out = P.random_erasing(x, 1.0, torch.Generator().manual_seed(1), value=7.0)
+    assert torch.equal(random_erasing(x, 0.0, torch.Generator().manual_seed(1)), x)
+    out = random_erasing(x, 1.0, torch.Generator().manual_seed(1), value=7.0)
     assert ((out == 7.0).flatten(1).any(1)).all() and torch.equal(out[out != 7.0], x[out != 7.0])
-    assert torch.equal(out, P.random_erasing(x, 1.0, torch.Generator().manual_seed(1), value=7.0))
-    never_fits = P.random_erasing(x, 1.0, torch.Generator().manual_seed(1), scale=(0.95, 1.0), ratio=(1.0, 1.0))
+    assert torch.equal(out, random_erasing(x, 1.0, torch.Generator().manual_seed(1), value=7.0))
+    never_fits = random_erasing(x, 1.0, torch.Generator().manual_seed(1), scale=(0.95, 1.0), ratio=(1.0, 1.0))
     assert torch.equal(never_fits, x)
 
 
 def test_mix_draws():
-    draws = [P.draw_mix(s, 32, 32, 0.8, 1.0, 1.0) for s in range(2000)]
+    draws = [M.draw_mix(s, 32, 32, 0.8, 1.0, 1.0) for s in range(2000)]
     cut = [d for d in draws if d.box is not None]
     assert 0.45 < len(cut) / len(draws) < 0.55
     assert all(0.0 <= d.lam <= 1.0 for d in draws)
@@ -315,15 +316,15 @@ def test_mix_draws():
         top, bottom, left, right = d.box
         assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 32
         assert d.lam == 1 - (bottom - top) * (right - left) / 1024
-    mixup = [P.draw_mix(s, 32, 32, 0.4, 0.0, 1.0).lam for s in range(4000)]
+    mixup = [M.draw_mix(s, 32, 32, 0.4, 0.0, 1.0).lam for s in range(4000)]
     mean = sum(mixup) / len(mixup)
     var = sum((v - mean) ** 2 for v in mixup) / len(mixup)
     assert abs(mean - 0.5) < 0.02 and abs(var - 1 / (4 * (2 * 0.4 + 1))) < 0.01        # Beta(0.4, 0.4)
-    assert all(P.draw_mix(s, 32, 32, 0.8, 1.0, 0.0) == P.MixDraw(1.0) for s in range(100))
-    assert 0.45 < sum(P.draw_mix(s, 32, 32, 0.8, 0.0, 0.5).lam < 1 for s in range(2000)) / 2000 < 0.55
-    assert P.draw_mix(7, 32, 32, 0.8, 1.0, 1.0) == P.draw_mix(7, 32, 32, 0.8, 1.0, 1.0)
+    assert all(M.draw_mix(s, 32, 32, 0.8, 1.0, 0.0) == M.MixDraw(1.0) for s in range(100))
+    assert 0.45 < sum(M.draw_mix(s, 32, 32, 0.8, 0.0, 0.5).lam < 1 for s in range(2000)) / 2000 < 0.55
+    assert M.draw_mix(7, 32, 32, 0.8, 1.0, 1.0) == M.draw_mix(7, 32, 32, 0.8, 1.0, 1.0)
     with pytest.raises(ValueError):
-        P.draw_mix(0, 32, 32, 0.0, 0.0, 1.0)
+        M.draw_mix(0, 32, 32, 0.0, 0.0, 1.0)
 
 
 def batch(n=12, k=5):
@@ -333,7 +334,7 @@ def batch(n=12, k=5):
 
 def test_mixup_and_targets():
     x, y, k = batch()
-    mixed, targets = P.apply_mix(x, y, k, P.MixDraw(0.3), label_smoothing=0.1)
+    mixed, targets = M.apply_mix(x, y, k, M.MixDraw(0.3), label_smoothing=0.1)
     assert torch.allclose(mixed, 0.3 * x + 0.7 * x.flip(0), atol=1e-6)
     assert torch.allclose(targets.sum(1), torch.ones(len(y)))
     one_hot = torch.full((len(y), k), 0.1 / k).scatter_(1, y[:, None], 1 - 0.1 + 0.1 / k)
@@ -342,10 +343,10 @@ def test_mixup_and_targets():
 
 def test_cutmix_pastes_the_box_and_weighs_targets_by_area():
     x, y, k = batch()
-    draw = P.draw_mix(next(s for s in range(100) if P.draw_mix(s, 8, 8, 0.0, 1.0, 1.0).lam < 0.9), 8, 8, 0.0, 1.0,
+    draw = M.draw_mix(next(s for s in range(100) if M.draw_mix(s, 8, 8, 0.0, 1.0, 1.0).lam < 0.9), 8, 8, 0.0, 1.0,
                       1.0)
     top, bottom, left, right = draw.box
-    mixed, targets = P.apply_mix(x, y, k, draw)
+    mixed, targets = M.apply_mix(x, y, k, draw)
     inside = torch.zeros(8, 8, dtype=torch.bool)
     inside[top:bottom, left:right] = True
     assert torch.equal(mixed[:, :, inside], x.flip(0)[:, :, inside])
@@ -359,17 +360,17 @@ def test_cutmix_pastes_the_box_and_weighs_targets_by_area():
 
 def test_unmixed_batch_gets_smoothed_one_hot_targets():
     x, y, k = batch()
-    mixed, targets = P.mix_batch(x, y, k, seed=3, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, label_smoothing=0.2)
+    mixed, targets = M.mix_batch(x, y, k, seed=3, mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0, label_smoothing=0.2)
     assert mixed is x
     assert torch.allclose(targets, torch.full((len(y), k), 0.04).scatter_(1, y[:, None], 0.84))
 
 
 def test_partners_pair_up():
     for n, stride in [(12, 1), (12, 4), (13, 3), (5, 8)]:
-        partner = P.mix_partners(n, stride, "cpu")
+        partner = M.mix_partners(n, stride, "cpu")
         assert torch.equal(partner[partner], torch.arange(n))
         assert torch.equal(partner % stride, torch.arange(n) % stride)
-    assert torch.equal(P.mix_partners(7, 1, "cpu"), torch.arange(6, -1, -1))
+    assert torch.equal(M.mix_partners(7, 1, "cpu"), torch.arange(6, -1, -1))
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -382,8 +383,8 @@ def test_sharded_mixing_equals_the_global_batch_mixed_once(world):
     x, y = torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
     seed = batch_seed(0, 1, 2, -1)
     for mixup, cutmix in [(0.8, 0.0), (0.0, 1.0)]:
-        whole = P.mix_batch(x, y, 10, seed, mixup, cutmix, 1.0, 0.1, partner_stride=groups)
+        whole = M.mix_batch(x, y, 10, seed, mixup, cutmix, 1.0, 0.1, partner_stride=groups)
         for rank in range(world):
-            part = P.mix_batch(x[rank::world], y[rank::world], 10, seed, mixup, cutmix, 1.0, 0.1,
+            part = M.mix_batch(x[rank::world], y[rank::world], 10, seed, mixup, cutmix, 1.0, 0.1,
                                partner_stride=groups // world)
             assert torch.allclose(part[0], whole[0][rank::world]) and torch.allclose(part[1], whole[1][rank::world])

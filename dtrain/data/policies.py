@@ -1,5 +1,4 @@
-"""Per-image augmentation policies on the device: AutoAugment (CIFAR-10), RandAugment, TrivialAugmentWide,
-random erasing, MixUp and CutMix.
+"""Per-image augmentation policies on the device: AutoAugment (CIFAR-10), RandAugment, TrivialAugmentWide.
 
 Everything works on whole batches wherever they are (CPU or GPU), with static shapes and no host
 synchronisation: no .item()/.tolist() of device tensors, no branching on tensor values, no boolean indexing,
@@ -43,7 +42,6 @@ images, measured 4-6 x slower (bench/augment.py, CPU, one thread, batch 512 of 3
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -559,6 +557,10 @@ class OpDraw:
     negated: torch.Tensor     # bool
     magnitude: torch.Tensor   # float32
 
+    def rows(self, select: Callable[[torch.Tensor], torch.Tensor]) -> "OpDraw":
+        """The layer for a subset of the images: `select` picks the same rows of each tensor."""
+        return OpDraw(select(self.op), select(self.bin), select(self.negated), select(self.magnitude))
+
 
 def _draw_signed(table: torch.Tensor, signed: torch.Tensor, op: torch.Tensor, bin_: torch.Tensor,
                  generator: torch.Generator) -> OpDraw:
@@ -652,137 +654,3 @@ def build_policy(name: str, randaugment_ops: int = 2, randaugment_magnitude: int
 
 
 # ---- random erasing ----------------------------------------------------------------------------------------
-
-def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator, scale: tuple[float, float] = (0.02, 0.33),
-                   ratio: tuple[float, float] = (0.3, 3.3), value: float = 0.0, tries: int = 10) -> torch.Tensor:
-    """Random erasing (Zhong et al. 2020) per image of a float N x C x H x W batch: with probability p, a
-    rectangle of area scale x H x W (uniform) and aspect ratio h/w (log-uniform in `ratio`) set to `value`.
-
-    Meant after normalisation, where 0 (the default) is the dataset mean. Sizes are drawn as torchvision's
-    RandomErasing draws them: h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), kept if
-    h < H and w < W, else drawn again, up to `tries` times, then no erasing. Vectorised: every image draws all
-    its tries at once and takes the first that fits (the same distribution as drawing until one fits); the
-    top-left corner is uniform over the positions where the rectangle fits."""
-    n, _, h, w = x.shape
-    dev = x.device
-    area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator, device=dev))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, tries, generator=generator, device=dev))
-    heights, widths = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
-    fits = (heights < h) & (widths < w)
-    first = fits.long().argmax(1, keepdim=True)
-    eh, ew = heights.gather(1, first).squeeze(1), widths.gather(1, first).squeeze(1)
-    erase = fits.any(1) & (torch.rand(n, generator=generator, device=dev) < p)
-    corner = torch.rand(n, 2, generator=generator, device=dev)
-    top = (corner[:, 0] * (h - eh + 1)).long().clamp(max=h - eh)
-    left = (corner[:, 1] * (w - ew + 1)).long().clamp(max=w - ew)
-    rows = torch.arange(h, device=dev).view(1, h)
-    cols = torch.arange(w, device=dev).view(1, w)
-    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
-    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
-    mask = (in_rows[:, :, None] & in_cols[:, None, :]) & erase.view(n, 1, 1)
-    return x.masked_fill(mask[:, None], value)
-
-
-# ---- MixUp and CutMix --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MixDraw:
-    """One batch's MixUp/CutMix decision, host-side numbers.
-
-    lam: the weight of each image itself, its partner's 1 - lam (1.0: not mixed); box: for CutMix, the rows
-    and columns (top, bottom, left, right; half-open) pasted from the partner, and lam is 1 - box area / image
-    area; None for MixUp and for an unmixed batch."""
-    lam: float
-    box: tuple[int, int, int, int] | None = None
-
-
-def draw_mix(seed: int, height: int, width: int, mixup_alpha: float, cutmix_alpha: float,
-             prob: float) -> MixDraw:
-    """timm's Mixup decision for one batch (mode "batch", switch probability 0.5, corrected lambda), drawn on the
-    host from random.Random(seed): no device work, so the same seed gives the same decision on every process.
-
-    With probability prob the batch is mixed: CutMix if only cutmix_alpha > 0, MixUp if only mixup_alpha > 0,
-    either with even odds if both are; lambda ~ Beta(alpha, alpha), exact (random.betavariate: the ratio of two
-    gamma variates). CutMix's box has sides int(H * sqrt(1 - lam)), int(W * sqrt(1 - lam)) about a uniform
-    centre, clipped to the image, and lambda is recomputed from the clipped box."""
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        raise ValueError("MixUp/CutMix need mixup_alpha > 0 or cutmix_alpha > 0")
-    rng = random.Random(seed)
-    if not rng.random() < prob:
-        return MixDraw(1.0)
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = rng.betavariate(alpha, alpha)
-    if not use_cutmix:
-        return MixDraw(lam)
-    cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
-    cy, cx = rng.randrange(height), rng.randrange(width)
-    top, bottom = min(max(cy - cut_h // 2, 0), height), min(max(cy + cut_h // 2, 0), height)
-    left, right = min(max(cx - cut_w // 2, 0), width), min(max(cx + cut_w // 2, 0), width)
-    return MixDraw(1 - (bottom - top) * (right - left) / (height * width), (top, bottom, left, right))
-
-
-def mix_partners(n: int, stride: int, device: torch.device | str) -> torch.Tensor:
-    """The index of each image's partner in a batch of n: the batch reversed within each class of positions
-    i mod stride (stride 1: x.flip(0), timm's partner). Always an involution (partners pair up)."""
-    i = torch.arange(n, device=device)
-    residue, rank = i % stride, i // stride
-    class_size = (n - residue + stride - 1) // stride
-    return residue + stride * (class_size - 1 - rank)
-
-
-def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """N x K float32 targets: smoothing / K everywhere, 1 - smoothing + smoothing / K at the label (timm's)."""
-    off = smoothing / num_classes
-    targets = torch.full((y.shape[0], num_classes), off, device=y.device)
-    return targets.scatter_(1, y.long().view(-1, 1), 1.0 - smoothing + off)
-
-
-def apply_mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, draw: MixDraw, label_smoothing: float = 0.0,
-              partner_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mixed float batch, soft targets N x K) for one MixDraw; x and y are not modified.
-
-    MixUp: lam * x + (1 - lam) * partner; CutMix: the box pasted from the partner; targets
-    lam * one_hot(y) + (1 - lam) * one_hot(partner's y), both smoothed (timm's mixup_target). Partners as
-    mix_partners(N, partner_stride)."""
-    targets = smooth_one_hot(y, num_classes, label_smoothing)
-    if draw.lam == 1.0:
-        return x, targets
-    partner = mix_partners(x.shape[0], partner_stride, x.device)
-    if draw.box is None:
-        mixed = x[partner].lerp_(x, draw.lam)
-    else:
-        top, bottom, left, right = draw.box
-        mixed = x.clone()
-        mixed[:, :, top:bottom, left:right] = x[partner, :, top:bottom, left:right]
-    return mixed, targets * draw.lam + targets[partner] * (1 - draw.lam)
-
-
-def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, mixup_alpha: float, cutmix_alpha: float,
-              prob: float, label_smoothing: float = 0.0, partner_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """MixUp/CutMix a float N x C x H x W batch with labels y (N,) as timm's Mixup does: returns the mixed
-    batch and N x K soft targets (each row sums to 1). The decision comes from draw_mix(seed, ...), host-side.
-
-    Contract under data parallelism (each process holds a shard of the global batch; for 1 and P processes to
-    train the same weights, every step must mix the global batch the same way whatever P is):
-    - lambda and the mode must be the same on every process of a step: `seed` must not depend on the rank (for
-      example batch_seed(seed, epoch, batch, rank=-1), a stream no process's augmentation generator uses);
-    - the partner of an image must be the same image whatever P is. dtrain's shards interleave the global batch
-      (process r holds global positions r, r + P, r + 2P, ...), so timm's partner on one process, the global
-      batch reversed, is on another process for P > 1. The options:
-        a. reverse the global batch: exactly timm's pairing, but each process needs the partner shard of process
-           P - 1 - r, reversed: one exchange of a shard of images per step (uint8 before normalisation
-           suffices: mixing commutes with the per-channel normalisation);
-        b. reverse each process's shard (partner_stride=1 everywhere): free, but the pairs depend on P, so 1 and
-           P processes train different (statistically equivalent) weights;
-        c. reverse within the classes of global positions mod G, a constant of the run (G = 8, say):
-           for P dividing G it is, on each process, the shard reversed within its positions mod G / P, so
-           the engine passes partner_stride=G // P; free, and the same pairs for every P dividing G.
-      Recommended: c (partner_stride = G // world_size, with G fixed in the configuration and world sizes
-      restricted to its divisors); it keeps the pairs world-size-independent without communication, and the
-      pairing is as random as timm's since the global batch is a random draw.
-    - the images, too, must be augmented the same way whatever P is; a per-process augmentation generator
-      (BatchRNG seeds by rank) already breaks that for the per-image policies, independently of mixing."""
-    draw = draw_mix(seed, x.shape[2], x.shape[3], mixup_alpha, cutmix_alpha, prob)
-    return apply_mix(x, y, num_classes, draw, label_smoothing, partner_stride)
