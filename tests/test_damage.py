@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import MAIN, REPO, cli_error, env, free_port, launch, metrics, train, train_here, write_cifar100
 
