@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 from dtrain.errors import UserError
-from dtrain.models import build_model, count_parameters, list_archs, model_from_checkpoint
+from dtrain.models import build_model, count_parameters, list_archs, model_from_checkpoint, pyramidnet
+from dtrain.models.cifar_resnet import SubsampleZeroPad
+from dtrain.models.pyramidnet import ShakeDrop, shakedrop_probabilities
 
 # arch -> (in_channels, image_size, parameters for 10 classes at that channel count)
 PARAMS = {
@@ -20,7 +22,23 @@ PARAMS = {
     "mnist-cnn-deep": (1, 28, 232_554),
     "mnist-resnet": (1, 28, 577_402),
     "airbench": (3, 32, 1_972_768),
+    "preact-resnet18": (3, 32, 11_171_146),  # kuangliu's PreActResNet18, MixUp's network (He et al. 2016b)
+    "resnet20": (3, 32, 269_722),  # He et al. 2016a, Table 6: 0.27M (option A shortcuts)
+    "resnet32": (3, 32, 464_154),  # 0.46M
+    "resnet44": (3, 32, 658_586),  # 0.66M
+    "resnet56": (3, 32, 853_018),  # 0.85M
+    "resnet110": (3, 32, 1_727_962),  # 1.7M
+    "wrn16-8": (3, 32, 10_961_370),  # Zagoruyko & Komodakis 2016: 11.0M
+    "wrn28-10": (3, 32, 36_479_194),  # 36.5M
+    "wrn40-2": (3, 32, 2_243_546),  # 2.2M
+    "pyramidnet110-48": (3, 32, 1_772_706),  # Han et al. 2017: 1.7M
+    "pyramidnet272-200": (3, 32, 26_210_842),  # 26.0M
 }
+
+# The big ones: forwarded once, at batch 1; their code paths run in the other tests through small members of
+# their families (wrn10-2, a depth-20 bottleneck PyramidNet).
+HEAVY = {"wrn16-8", "wrn28-10", "pyramidnet272-200"}
+LIGHT = sorted(set(PARAMS) - HEAVY)
 
 
 def test_every_arch_is_covered():
@@ -33,8 +51,9 @@ def test_shape_and_parameter_count(arch):
     model = build_model(arch, 10, in_channels=channels, image_size=size)
     assert count_parameters(model) == params
     model.eval()
+    batch = 1 if arch in HEAVY else 2
     with torch.no_grad():
-        assert model(torch.randn(2, channels, size, size)).shape == (2, 10)
+        assert model(torch.randn(batch, channels, size, size)).shape == (batch, 10)
 
 
 def test_airbench_trainable_parameters():
@@ -57,22 +76,45 @@ def test_mnist_flatten_sizes(arch, flatten):
     assert feats["inp"] == feats["out"] and feats["out"][1:].numel() == flatten
 
 
-@pytest.mark.parametrize("arch", sorted(PARAMS))
+@pytest.mark.parametrize("arch", LIGHT)
 @pytest.mark.parametrize("channels, size", [(1, 64), (3, 64), (1, 32)])
 def test_other_channels_and_sizes_flow(arch, channels, size):
-    if arch == "googlenet" and size == 64:
+    if arch in ("googlenet", "resnet56", "resnet110", "pyramidnet110-48") and size == 64:
         size = 48  # same code path, cheaper
     model = build_model(arch, 5, in_channels=channels, image_size=size).eval()
     with torch.no_grad():
         assert model(torch.randn(2, channels, size, size)).shape == (2, 5)
 
 
+def small_bottleneck_pyramidnet(num_classes: int, in_channels: int, **options) -> nn.Module:
+    """pyramidnet272-200's code path (bottleneck blocks) at depth 20: two blocks a stage."""
+    return pyramidnet.pyramidnet(20, 24, True, num_classes, in_channels, **options)
+
+
+@pytest.mark.parametrize("channels, size", [(1, 64), (3, 64), (1, 32)])
+def test_heavy_families_flow_through_small_members(channels, size):
+    for model in (build_model("wrn10-2", 5, in_channels=channels), small_bottleneck_pyramidnet(5, channels)):
+        with torch.no_grad():
+            assert model.eval()(torch.randn(2, channels, size, size)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("size", [29, 7])
+def test_downsampling_shortcuts_fit_odd_sizes(size):
+    models = [build_model(arch, 5) for arch in ("resnet20", "wrn10-2", "pyramidnet110-48", "preact-resnet18")]
+    for model in [*models, small_bottleneck_pyramidnet(5, 3)]:
+        with torch.no_grad():
+            assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 5)
+
+
 def test_train_mode_backward_and_channels_last():
-    for arch in ("cnn", "mnist-resnet", "airbench"):
-        model = build_model(arch, 3, in_channels=3, image_size=32).to(memory_format=torch.channels_last)
-        out = model(torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last))
+    sizes = {"cnn": 32, "mnist-resnet": 32, "airbench": 32, "resnet20": 16, "preact-resnet18": 16, "wrn10-2": 16,
+             "pyramidnet110-48": 16}
+    for arch, size in sizes.items():
+        model = build_model(arch, 3, in_channels=3, image_size=size).to(memory_format=torch.channels_last)
+        out = model(torch.randn(4, 3, size, size).to(memory_format=torch.channels_last))
         out.sum().backward()
         assert out.shape == (4, 3)
+        assert all(p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
 
 
 def test_unknown_arch_lists_names():
@@ -81,7 +123,7 @@ def test_unknown_arch_lists_names():
     msg = str(e.value)
     for name in list_archs():
         assert name in msg
-    assert "tv:<name>" in msg
+    assert "tv:<name>" in msg and "wrnD-K" in msg
 
 
 def test_arch_args_neutral_values_are_ignored_others_rejected():
@@ -103,7 +145,7 @@ def test_arch_args_neutral_values_are_ignored_others_rejected():
 
 
 def test_group_norm_has_no_batch_statistics():
-    for arch in ("cnn", "resnet18"):
+    for arch in ("cnn", "resnet18", "resnet20", "preact-resnet18", "wrn10-2", "pyramidnet110-48"):
         model = build_model(arch, 10, norm="group")
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
@@ -143,6 +185,194 @@ def test_model_from_checkpoint_mismatch_is_user_error():
     state = build_model("cnn", 10).state_dict()
     with pytest.raises(UserError, match="do not fit"):
         model_from_checkpoint({"arch": "cnn", "num_classes": 5, "model": state, "arch_args": {}})
+
+
+# --- CIFAR ResNets, pre-activation ResNet18, Wide ResNets ----------------------------------------------
+
+
+def conv_count(model: nn.Module, kernel: int) -> int:
+    return sum(isinstance(m, nn.Conv2d) and m.kernel_size == (kernel, kernel) for m in model.modules())
+
+
+def test_cifar_resnets_have_parameter_free_option_a_shortcuts():
+    for depth in (20, 56):
+        model = build_model(f"resnet{depth}", 10)
+        assert conv_count(model, 1) == 0
+        assert conv_count(model, 3) == depth - 1  # plus the linear layer: the depth
+    shortcut = SubsampleZeroPad(16, 32, 2)
+    x = torch.randn(2, 16, 9, 9)
+    y = shortcut(x)
+    assert y.shape == (2, 32, 5, 5)
+    torch.testing.assert_close(y[:, 8:24], x[:, :, ::2, ::2])
+    assert not y[:, :8].any() and not y[:, 24:].any()
+
+
+def test_preact_resnet18_layout():
+    model = build_model("preact-resnet18", 10)
+    # kuangliu's layout: no norm or activation after the stem conv or after the last block
+    assert [type(m) for m in model.children()] == [nn.Conv2d, nn.Sequential, nn.AdaptiveAvgPool2d, nn.Linear]
+    assert conv_count(model, 1) == 3  # projections where stages 2-4 halve the size and double the width
+
+
+def test_wrn_names_resolve_by_pattern():
+    assert {"wrn16-8", "wrn28-10", "wrn40-2"} <= set(list_archs())
+    assert "wrn10-2" not in list_archs()
+    model = build_model("wrn10-2", 10)
+    assert count_parameters(model) == 303_706
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [32, 64, 128]
+    assert len(model.stages[0]) == 1 and len(build_model("wrn40-2", 10).stages[0]) == 6
+    assert conv_count(build_model("wrn10-1", 10), 1) == 2  # 16 -> 16 at stride 1 needs no projection
+
+
+@pytest.mark.parametrize("name", ["wrn30-10", "wrn4-2", "wrn12-1"])
+def test_wrn_invalid_depth_is_one_clear_line(name):
+    with pytest.raises(UserError) as e:
+        build_model(name, 10)
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and "6n + 4" in msg and "10, 16, 22, 28" in msg
+
+
+def test_wrn_dropout_option():
+    model = build_model("wrn10-2", 10, dropout=0.3)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3] * 3
+    assert not any(isinstance(m, nn.Dropout) for m in build_model("wrn10-2", 10).modules())
+    with pytest.raises(UserError, match="dropout"):
+        build_model("wrn10-2", 10, dropout=1.0)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "preact-resnet18", "wrn10-2", "pyramidnet110-48"])
+def test_new_families_refuse_other_norms(arch):
+    for norm in ("none", "layer"):
+        with pytest.raises(UserError, match=f"--norm '{norm}' is not supported by arch '{arch}'"):
+            build_model(arch, 10, norm=norm)
+
+
+def test_wrn_checkpoint_round_trip_by_pattern_name():
+    model = build_model("wrn10-2", 4, norm="group")
+    ckpt = {"arch": "wrn10-2", "num_classes": 4, "in_channels": 3, "image_size": 32,
+            "arch_args": {"norm": "group"}, "model": model.state_dict()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model_from_checkpoint(ckpt)(x), model.eval()(x))
+
+
+# --- PyramidNet and ShakeDrop ---------------------------------------------------------------------------
+
+
+def test_pyramidnet_additive_widths_and_shortcuts():
+    model = build_model("pyramidnet110-48", 10)
+    widths = [block.branch[-1].num_features for block in model.blocks]
+    assert len(widths) == 54 and widths[0] == 17 and widths[-1] == 64  # round(16 + 48 l / 54)
+    assert widths == [round(16 + 48 * k / 54) for k in range(1, 55)]
+    assert conv_count(model, 1) == 0  # zero-padded identity shortcuts
+    big = build_model("pyramidnet272-200", 10)
+    assert len(big.blocks) == 90 and big.fc.in_features == 864  # the paper's output feature dimension
+    assert [i for i, b in enumerate(big.blocks) if isinstance(b.pool, nn.AvgPool2d)] == [30, 60]
+
+
+def test_shakedrop_linear_decay_rule():
+    assert shakedrop_probabilities(0.5, 4) == [0.125, 0.25, 0.375, 0.5]
+    model = build_model("pyramidnet110-48", 10, shakedrop=0.5)
+    p = [block.shakedrop.p_drop for block in model.blocks]
+    assert p == pytest.approx([0.5 * k / 54 for k in range(1, 55)])
+    assert p[-1] == 0.5
+    assert all(block.shakedrop.p_drop == 0 for block in build_model("pyramidnet110-48", 10).blocks)
+
+
+def twin_pyramidnets(shakedrop: float) -> tuple[nn.Module, nn.Module]:
+    """(plain, with shakedrop) basic-block PyramidNets of depth 20 (3 blocks a stage) with the same weights."""
+    torch.manual_seed(0)
+    plain = pyramidnet.pyramidnet(20, 24, False, 10)
+    torch.manual_seed(0)
+    shaken = pyramidnet.pyramidnet(20, 24, False, 10, shakedrop=shakedrop)
+    for a, b in zip(plain.state_dict().values(), shaken.state_dict().values()):
+        assert torch.equal(a, b)
+    return plain, shaken
+
+
+def test_shakedrop_evaluation_is_the_expectation():
+    plain, shaken = twin_pyramidnets(0.5)
+    plain.eval(), shaken.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = shaken(x)
+        assert torch.equal(out, shaken(x))
+        assert not torch.allclose(out, plain(x))
+        for i in (0, 3, 8):  # the first, a downsampling and the last block
+            block, ref = shaken.blocks[i], plain.blocks[i]
+            h = torch.randn(2, block.branch[0].num_features, 8, 8)
+            expected = ref(h) - block.shakedrop.p_drop * ref.branch(h)  # shortcut + (1 - p_l) * branch
+            torch.testing.assert_close(block(h), expected)
+        assert shaken.blocks[8].shakedrop.p_drop == 0.5
+
+
+def test_shakedrop_zero_is_plain_pyramidnet():
+    plain, shaken = twin_pyramidnets(0.0)
+    plain.train(), shaken.train()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(shaken(x), plain(x))
+
+
+def test_shakedrop_training_is_random_from_the_global_rng_and_trains():
+    _, model = twin_pyramidnets(0.5)
+    model.train()
+    x = torch.randn(4, 3, 16, 16)
+    first, second = model(x), model(x)
+    assert not torch.allclose(first, second)
+    torch.manual_seed(7)
+    again = model(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(model(x), again)
+    again.logsumexp(1).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.isfinite().all() for g in grads)
+    assert model.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_shakedrop_scales_forward_by_alpha_and_backward_by_beta():
+    drop = ShakeDrop(1.0).train()  # b = 0 always: forward x alpha in [-1, 1], backward x beta in [0, 1]
+    x = torch.ones(64, 3, 2, 2, requires_grad=True)
+    y = drop(x)
+    y.backward(torch.ones_like(y))
+    alpha, beta = y.detach()[:, 0, 0, 0], x.grad[:, 0, 0, 0]
+    assert torch.equal(y.detach(), alpha.view(-1, 1, 1, 1).expand_as(y))  # one draw per image
+    assert torch.equal(x.grad, beta.view(-1, 1, 1, 1).expand_as(x))
+    assert alpha.min() >= -1 and alpha.max() <= 1 and alpha.min() < 0 < alpha.max()
+    assert beta.min() >= 0 and beta.max() <= 1
+    assert not torch.equal(alpha, beta)
+    kept = ShakeDrop(1e-9).train()  # b = 1 (almost surely): the identity both ways
+    x = torch.randn(8, 3, 2, 2, requires_grad=True)
+    y = kept(x)
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(y, x)
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    torch.testing.assert_close(ShakeDrop(0.3).eval()(x), 0.7 * x)
+
+
+def test_shakedrop_never_reads_a_value_back_to_the_host():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    drop = ShakeDrop(0.5).train()
+    x = torch.randn(4, 8, 2, 2, requires_grad=True)
+    with Ops() as ops:
+        drop(x).sum().backward()
+    assert ops.names and not any("_local_scalar_dense" in name for name in ops.names)  # what .item() runs
+
+
+def test_shakedrop_option_is_checked():
+    with pytest.raises(UserError, match=r"shakedrop .* \[0, 1\]"):
+        build_model("pyramidnet110-48", 10, shakedrop=1.5)
+    with pytest.raises(UserError, match="does not support shakedrop"):
+        build_model("wrn40-2", 10, shakedrop=0.5)
 
 
 # --- torchvision models -------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Each family lives in its own module and exposes a builder
 `builder(num_classes, in_channels, image_size, *, <its own options>)`; the keyword-only options are the
-arch_args it supports (norm, aux_logits, pretrained, weights). `tv:<name>` builds any torchvision
-classification model.
+arch_args it supports (norm, aux_logits, pretrained, weights; options no Config field sets, such as
+pyramidnet's shakedrop, are reached through build_model's keywords). `wrnD-K` builds any Wide ResNet (the
+listed ones are three of them) and `tv:<name>` any torchvision classification model.
 
 A model states its quirks with two optional methods; training reaches them only through `training_loss`
 and `init_from_data` below, so a model without them is a plain nn.Module returning logits:
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.errors import UserError
-from dtrain.models import airbench, cnn, googlenet, mnist, resnet, tv
+from dtrain.models import airbench, cifar_resnet, cnn, googlenet, mnist, preact, pyramidnet, resnet, tv, wrn
 from dtrain.models.state import strip_prefixes
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
@@ -37,6 +38,11 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "mnist-cnn-deep": mnist.mnist_cnn_deep,
     "mnist-resnet": mnist.mnist_resnet,
     "airbench": airbench.airbench,
+    "preact-resnet18": preact.preact_resnet18,
+    **{f"resnet{depth}": partial(cifar_resnet.cifar_resnet, depth) for depth in cifar_resnet.DEPTHS},
+    **{name: wrn.builder_for(name) for name in wrn.LISTED},
+    "pyramidnet272-200": partial(pyramidnet.pyramidnet, 272, 200, True),
+    "pyramidnet110-48": partial(pyramidnet.pyramidnet, 110, 48, False),
 }
 
 # Values of arch_args that mean "not asked for": an arch that lacks the option ignores them.
@@ -45,7 +51,8 @@ DATA_INIT_IMAGES = 5000  # training images handed to a model's init_from_data ho
 
 
 def list_archs() -> list[str]:
-    """The built-in arch names (any torchvision classification model is also accepted as 'tv:<name>')."""
+    """The built-in arch names (also accepted: 'wrnD-K' for any Wide ResNet, 'tv:<name>' for any torchvision
+    classification model)."""
     return sorted(ARCHS)
 
 
@@ -61,12 +68,15 @@ def _is_neutral(key: str, value: Any) -> bool:
 def _resolve(arch: str) -> Callable[..., nn.Module]:
     if arch.startswith(tv.PREFIX):
         return partial(tv.build_tv, arch[len(tv.PREFIX):])
-    if arch not in ARCHS:
+    if arch in ARCHS:
+        return ARCHS[arch]
+    wide = wrn.builder_for(arch)
+    if wide is None:
         raise UserError(
-            f"unknown arch {arch!r}; valid: {', '.join(list_archs())},"
+            f"unknown arch {arch!r}; valid: {', '.join(list_archs())}, {wrn.NAME_HINT},"
             " or tv:<name> for any torchvision classification model (e.g. tv:resnet50)"
         )
-    return ARCHS[arch]
+    return wide
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **arch_args) -> nn.Module:

@@ -55,3 +55,13 @@ def check_image_size(image_size: int, minimum: int, arch: str) -> None:
         raise UserError(
             f"arch {arch!r} needs images of at least {minimum}x{minimum} pixels, got --image-size {image_size}"
         )
+
+
+def init_he_normal(model: nn.Module) -> nn.Module:
+    """He et al. 2015's normal initialisation, std sqrt(2 / (k * k * out_channels)), for every conv (as the
+    reference code of the CIFAR ResNets, Wide ResNets and PyramidNets sets it); norms and linears keep torch's
+    defaults (scale 1, shift 0). Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return model
