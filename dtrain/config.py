@@ -40,6 +40,10 @@ ARCH_DEFAULT_RECIPE = {
     "mnist-cnn-deep": "seed-mnist-cnn-deep",
     "mnist-cnn": "mnist-cnn",
     "mnist-resnet": "mnist-resnet",
+    "airbench96": "airbench96",
+    "wrn28-10": "wrn28-10",
+    "wrn16-8": "wrn16-8-sam",
+    "pyramidnet272-200": "pyramidnet272-shakedrop",
 }
 
 
@@ -96,14 +100,19 @@ RUN_SETTING = Policy(MAY_CHANGE, run_only=True, groups=False)
 SWEEP = Policy(MAY_CHANGE, run_only=True, sweepable=False, groups=False)
 
 
+STEP_COUNT = "the run's step count, its schedule and its place in an epoch count batches of that size"
+OPTIMISER_STATE = "the optimiser's state depends on it"
+
+
 def matching(why: str) -> Policy:
     return Policy(MUST_MATCH, why)
 
 
-def _f(default, help, choices=None, short=None, check: Rule | None = None, *, policy: Policy):
+def _f(default, help, choices=None, short=None, check: Rule | None = None, *, policy: Policy, also=()):
     """A Config field: its default, help text, allowed choices, short flag, the rule its value obeys (None,
-    the "not set" value of an optional field, is not checked; floats must also be finite) and its policy."""
-    meta = {"help": help, "choices": choices, "short": short, "check": check, "policy": policy}
+    the "not set" value of an optional field, is not checked; floats must also be finite) and its policy.
+    `also`: for a true/false setting, the named values it takes besides (e.g. --hflip alternate)."""
+    meta = {"help": help, "choices": choices, "short": short, "check": check, "policy": policy, "also": also}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -118,6 +127,10 @@ class Config:
     norm: str = _f("batch", "normalisation layers of archs that offer a choice", ["batch", "group", "none"],
                    policy=BUILT)
     aux_logits: bool = _f(False, "googlenet: train with the two 0.3-weighted auxiliary classifiers", policy=BUILT)
+    shakedrop: float = _f(0.0, "pyramidnet archs: ShakeDrop's drop probability P of the last block (the blocks' "
+                          "rise linearly to it; 0: off)", check=in_range(0, 1), policy=BUILT)
+    dropout: float = _f(0.0, "wrnD-K archs: dropout between the two convolutions of each block (0: off)",
+                        check=in_range(0, 1, high_open=True), policy=BUILT)
     pretrained: bool = _f(False, "tv:<name> archs: start from torchvision's ImageNet weights (from its cache)",
                           policy=CHANGES)
     weights: str | None = _f(None, "tv:<name> archs: start from the weights in this file", policy=CHANGES)
@@ -150,7 +163,9 @@ class Config:
     crop_padding: int = _f(4, "random crop after padding by this many pixels (0: off)", check=at_least(0),
                            policy=CHANGES)
     pad_mode: str = _f("constant", "padding for the random crop", ["constant", "reflect"], policy=CHANGES)
-    hflip: bool = _f(True, "random horizontal flip", policy=CHANGES)
+    hflip: bool | str = _f(True, "random horizontal flip; alternate: airbench's deterministic flip (a random "
+                           "half of the images in the first epoch, the other half in the next, and so on)",
+                           policy=CHANGES, also=("alternate",))
     vflip: bool = _f(False, "random vertical flip", policy=CHANGES)
     cutout_holes: int = _f(0, "Cutout: number of square holes (0: off)", check=at_least(0), policy=CHANGES)
     cutout_length: int = _f(16, "Cutout: hole side in pixels", check=at_least(0), policy=CHANGES)
@@ -178,12 +193,21 @@ class Config:
     max_steps: int | None = _f(None, "stop after this many optimiser steps (smoke tests)", check=at_least(1),
                                policy=CHANGES)
     batch_size: int = _f(128, "GLOBAL batch size, split evenly over the processes", short="-b", check=at_least(1),
-                         policy=matching("the run's step count, its schedule and its place in an epoch count batches of that size"))
+                         policy=matching(STEP_COUNT))
     eval_batch_size: int = _f(1024, "GLOBAL evaluation batch size", check=at_least(1), policy=CHANGES)
     grad_accum: int = _f(1, "gradient accumulation steps per optimiser step", check=at_least(1),
-                         policy=matching("the run's step count, its schedule and its place in an epoch count batches of that size"))
-    optimizer: str = _f("sgd", "optimiser", ["sgd", "adam", "adamw", "rmsprop"],
-                        policy=matching("the optimiser's state depends on it"))
+                         policy=matching(STEP_COUNT))
+    optimizer: str = _f("sgd", "optimiser; muon: Muon for the weights of two or more dimensions but the head, "
+                        "--muon-aux for the rest", ["sgd", "adam", "adamw", "rmsprop", "muon"],
+                        policy=matching(OPTIMISER_STATE))
+    muon_lr: float = _f(0.02, "muon: the Muon group's learning rate (--lr is the other group's)", check=at_least(0),
+                        policy=CHANGES)
+    muon_momentum: float = _f(0.95, "muon: the Muon group's (Nesterov) momentum", check=in_range(0, 1, high_open=True),
+                              policy=CHANGES)
+    muon_weight_decay: float = _f(0.0, "muon: the Muon group's decoupled weight decay", check=at_least(0),
+                                  policy=CHANGES)
+    muon_aux: str = _f("sgd", "muon: the optimiser of the head, biases and normalisation weights (with --lr, "
+                       "--momentum, --nesterov, --weight-decay)", ["sgd", "adamw"], policy=matching(OPTIMISER_STATE))
     lr: float = _f(0.1, "peak learning rate (the same at any number of processes)", check=at_least(0), policy=CHANGES)
     momentum: float = _f(0.9, "momentum (sgd, rmsprop)", check=in_range(0, 1, high_open=True), policy=CHANGES)
     nesterov: bool = _f(False, "Nesterov momentum (sgd)", policy=CHANGES)
@@ -218,6 +242,14 @@ class Config:
     lookahead: int = _f(0, "with --ema DECAY: every N optimiser steps the trained weights jump to the "
                         "average, whose decay is then DECAY**N ramped up as progress**3 (airbench: 5)",
                         check=at_least(0), policy=CHANGES)
+    sam: float | None = _f(None, "SAM: take each step's gradient at the weights moved this far (rho) towards the "
+                           "highest loss nearby; two passes per step", check=positive, policy=CHANGES)
+    sam_adaptive: bool = _f(False, "with --sam: adaptive SAM (ASAM), the move scaled by each weight's size",
+                            policy=CHANGES)
+    swa_start: int | None = _f(None, "SWA: after this many epochs hold the learning rate at --swa-lr and average "
+                               "the weights at the end of each later epoch (BatchNorm recomputed); evaluate and "
+                               "save the average", check=at_least(0), policy=CHANGES)
+    swa_lr: float | None = _f(None, "SWA: the learning rate after --swa-start", check=positive, policy=CHANGES)
     # system
     seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)", check=at_least(0), policy=SEED)
     precision: str | None = _f(None, "mixed precision (default: the accelerate config/launcher's)",
@@ -307,7 +339,7 @@ def _coerce(name: str, value):
             raise UserError(f"{name} must be a list of {tp.__name__} values, not {value!r}")
         return [tp(v) for v in value]
     if tp is bool:
-        return _parse_bool(name, value)
+        return value if value in FIELDS[name].metadata["also"] else _parse_bool(name, value)
     if not _is_a(value, tp):
         raise UserError(f"{name} must be of type {tp.__name__}, not {value!r}")
     value = tp(value)
@@ -397,8 +429,9 @@ def parse_value(name: str, text: str):
     if optional and text.strip().lower() in ("none", "null"):
         return None
     items = _split_list(text) if is_list else [text]
+    also = FIELDS[name].metadata["also"]
     try:
-        values = [parse_bool_text(name, v) if tp is bool else tp(v)
+        values = [v.strip() if v.strip() in also else parse_bool_text(name, v) if tp is bool else tp(v)
                   for v in items]
     except ValueError:
         raise UserError(f"{name} must be of type {tp.__name__}, not {text!r}") from None
@@ -406,15 +439,20 @@ def parse_value(name: str, text: str):
 
 
 class _BoolFlag(argparse.Action):
-    """--foo, --foo=VALUE (true/false, 1/0, yes/no) and --no-foo."""
+    """--foo, --foo=VALUE (true/false, 1/0, yes/no, or one of the field's `also` values) and --no-foo."""
 
-    def __init__(self, option_strings, dest, help=None, **kw):
-        super().__init__(option_strings, dest, nargs="?", metavar="true|false", help=help, **kw)
+    def __init__(self, option_strings, dest, help=None, also=(), **kw):
+        self.also = tuple(also)
+        super().__init__(option_strings, dest, nargs="?", metavar="|".join(("true", "false", *self.also)), help=help,
+                         **kw)
 
     def __call__(self, parser, namespace, value, option_string=None):
         negative = option_string.startswith(("--no-", "--no_"))
         if negative and value is not None:
             parser.error(f"{option_string} takes no value (use --{option_string[5:]}=false)")
+        if value is not None and value.strip() in self.also:
+            setattr(namespace, self.dest, value.strip())
+            return
         try:
             flag = True if value is None else parse_bool_text(option_string, value)
         except UserError as e:
@@ -425,7 +463,7 @@ class _BoolFlag(argparse.Action):
 class _HelpFormatter(argparse.HelpFormatter):
     def _format_action_invocation(self, action):
         if isinstance(action, _BoolFlag):
-            return f"{action.option_strings[0]}[=true|false], " + ", ".join(action.option_strings[1:])
+            return f"{action.option_strings[0]}[={action.metavar}], " + ", ".join(action.option_strings[1:])
         return super()._format_action_invocation(action)
 
 
@@ -459,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         tp, is_list = _base_type(f.type)
         kw = dict(dest=f.name)
         if tp is bool:
-            kw.update(action=_BoolFlag)
+            kw.update(action=_BoolFlag, also=f.metadata["also"])
         elif f.name == "sweep":
             kw.update(action="append", metavar="KEY=V1,V2,...")
         elif is_list:
@@ -499,6 +537,9 @@ CROSS_CHECKS = (
     (lambda c: not c.tta_shift or c.tta, "--tta-shift N needs --tta"),
     (lambda c: c.cifar100_labels == "fine" or c.dataset == "cifar100",
      "--cifar100-labels coarse needs --dataset cifar100"),
+    (lambda c: (c.swa_start is None) == (c.swa_lr is None), "--swa-start EPOCH and --swa-lr LR go together"),
+    (lambda c: c.swa_start is None or c.ema is None, "--swa-start and --ema are two weight averages: choose one"),
+    (lambda c: not c.sam_adaptive or c.sam, "--sam-adaptive needs --sam RHO (e.g. --sam 2.0 --sam-adaptive)"),
 )
 
 

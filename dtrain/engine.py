@@ -29,12 +29,14 @@ from torch import nn
 from dtrain.checkpointer import Checkpointer
 from dtrain.data.augment import BatchRNG
 from dtrain.distributed import run_on_main, sync_buffers
+from dtrain import sam
 from dtrain.ema import WeightAverage
 from dtrain.epoch_row import epoch_row
 from dtrain.errors import TrainingDiverged, UserError
 from dtrain.inference import Evaluation, eager, eval_logits, evaluate, module_for
 from dtrain.models import training_loss
 from dtrain.optim import LRSchedule, ScheduleSpec
+from dtrain.swa import SWA
 
 # Under fp16 the run has diverged when the GradScaler's scale has fallen below this: it halves on every
 # overflowed step from 2**16, so nearly every step for a while had inf/NaN gradients.
@@ -134,11 +136,15 @@ class LoopSpec:
     save_every: int
     tta: bool
     tta_shift: int
+    sam: float | None = None            # SAM's rho (dtrain.sam), None: off
+    sam_adaptive: bool = False
+    swa_start: int | None = None        # SWA: average the weights from this epoch on (dtrain.swa), None: off
 
     @classmethod
     def from_config(cls, cfg) -> "LoopSpec":
         return cls(cfg.epochs, cfg.max_steps, cfg.grad_accum, cfg.grad_clip, cfg.label_smoothing, cfg.ema,
-                   cfg.lookahead, cfg.seed, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.tta, cfg.tta_shift)
+                   cfg.lookahead, cfg.seed, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.tta, cfg.tta_shift,
+                   cfg.sam, cfg.sam_adaptive, cfg.swa_start)
 
 
 @dataclass
@@ -220,8 +226,11 @@ class Trainer:
         self.ema = WeightAverage(self.module, spec.ema, spec.lookahead) if spec.ema else None
         # evaluation runs the module beneath DDP (no collective in its forward, so a process with an empty
         # validation shard makes the same calls as the others), after its buffers are made rank 0's
-        self.eval_module = self.ema.module if self.ema is not None else self.module
-        self.eval_model = parts.compile(self.eval_module) if parts.compile else self.eval_module
+        self.swa = SWA(self.module) if spec.swa_start is not None else None
+        self.trained_params = [p for p in self.module.parameters() if p.requires_grad]
+        self._compile = parts.compile or (lambda m: m)
+        self.train_eval_module = self.ema.module if self.ema is not None else self.module
+        self.train_eval_model = self._compile(self.train_eval_module)
         self.scaler = accelerator.scaler  # fp16's GradScaler, or None
         self.rng = BatchRNG(accelerator.device, spec.seed)
         self.steps_per_epoch = -(-len(self.train_loader) // spec.grad_accum)
@@ -232,6 +241,20 @@ class Trainer:
         # mixed batches come with soft targets that carry the label smoothing already
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.0 if self.mix else spec.label_smoothing)
         self.clock = Clock()
+
+    @property
+    def averaging(self) -> bool:
+        """Whether SWA's average is what the run evaluates and saves (once it holds weights)."""
+        return self.swa is not None and self.swa.count > 0
+
+    @property
+    def eval_module(self) -> nn.Module:
+        """The module evaluated and saved as "model": SWA's average, the EMA, or the trained module."""
+        return self.swa.module if self.averaging else self.train_eval_module
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.swa.compiled(self._compile) if self.averaging else self.train_eval_model
 
     # ---- the state of a run ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -244,9 +267,12 @@ class Trainer:
                  "epoch": s.epoch, "step": s.step, "batch_in_epoch": s.batch_in_epoch, "best_acc": s.best_acc,
                  "best_step": s.best_step, "epoch_sums": s.meter.to_list(), "epoch_seconds": s.epoch_seconds,
                  "rng": rng_state()}
-        if ema is not None:
+        if ema is not None or self.averaging:
             state["train_model"] = self.module.state_dict()
+        if ema is not None:
             state["ema_n"] = int(ema.n_averaged.item())
+        if self.swa is not None:
+            state["swa"] = self.swa.state_dict()
         return state
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -261,6 +287,8 @@ class Trainer:
                             f"resume with the settings it was trained with, or start a fresh run") from None
         if self.ema is not None:
             self.ema.load_count(ckpt.get("ema_n", 1))
+        if self.swa is not None and ckpt.get("swa"):
+            self.swa.load_state_dict(ckpt["swa"])
         self._load_optimizer(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -325,14 +353,32 @@ class Trainer:
     def train_step(self, x, target, sync: bool):
         """Forward and backward of one (micro-)batch: (loss, correct predictions), both on the device. The
         target is the labels, or under MixUp/CutMix soft targets, whose largest weight is the class a
-        prediction must hit to count as correct (train_acc)."""
+        prediction must hit to count as correct (train_acc). With --sam the gradient is taken at the
+        perturbed weights (dtrain.sam), the loss and predictions reported are those at the weights."""
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
         model = module_for(self.model, len(x), self.train_loader.batch_size)
-        with ctx:
-            loss, logits = training_loss(self.module, model(x), target, self.criterion)
-            self.acc.backward(loss / self.spec.grad_accum)
+        if self.spec.sam:
+            e, loss, logits = self.sam_first_pass(model, x, target)
+            with sam.moved(self.trained_params, e), sam.running_stats_frozen(self.module), ctx:
+                second, _ = training_loss(self.module, model(x), target, self.criterion)
+                self.acc.backward(second / self.spec.grad_accum)
+        else:
+            with ctx:
+                loss, logits = training_loss(self.module, model(x), target, self.criterion)
+                self.acc.backward(loss / self.spec.grad_accum)
         label = target.argmax(1) if target.dim() == 2 else target
         return loss.detach(), (logits.argmax(1) == label).sum()
+
+    def sam_first_pass(self, model, x, target):
+        """SAM's first pass: this process's own gradient of the batch's loss at the weights (not all-reduced,
+        not accumulated into .grad), and from it the step e towards the nearby point of highest loss.
+        Returns (e, loss, logits)."""
+        with self.acc.no_sync(self.model):
+            loss, logits = training_loss(self.module, model(x), target, self.criterion)
+            scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+            grads = torch.autograd.grad(scaled, self.trained_params, allow_unused=True)
+        e = sam.perturbation(self.trained_params, list(grads), self.spec.sam, self.spec.sam_adaptive)
+        return e, loss, logits
 
     def optimizer_step(self) -> torch.Tensor | None:
         """Clip, step, schedule, average. Under fp16's GradScaler returns whether the scaler skipped the
@@ -456,12 +502,13 @@ class Trainer:
         meter = s.meter.to(self.acc.device)
         stopped_by, seconds_before, t0 = 0, s.epoch_seconds, time.perf_counter()
         self.clock.new_window()
-        for b, (x, y, _) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
+        for b, (x, y, index) in enumerate(self.train_loader.batches(epoch, s.batch_in_epoch), s.batch_in_epoch):
             batch_started = time.perf_counter()
-            x = self.train_pipe(x, self.rng.batch(epoch, b))
+            step_in_epoch, micro = divmod(b, spec.grad_accum)
+            x = self.train_pipe(x, self.rng.batch(epoch, step_in_epoch), index=index, epoch=epoch, micro=micro)
             target = y
             if self.mix is not None:
-                x, target = self.mix(x, y, epoch, b)
+                x, target = self.mix(x, y, epoch, step_in_epoch)
             sync = (b + 1) % spec.grad_accum == 0 or b + 1 == nb
             loss, correct = self.train_step(x, target, sync)
             meter.add(loss, correct, len(y), finite_only=self.scaler is not None)
@@ -502,6 +549,9 @@ class Trainer:
         epoch, finished = s.epoch, s.batch_in_epoch >= len(self.train_loader)
         total = self.reduced_sums(s.meter)
         last = s.epoch + 1 >= spec.epochs or s.step >= self.total_steps
+        if self.swa is not None and finished and epoch + 1 > spec.swa_start:
+            self.swa.update(self.module)
+            self.swa.recompute_batchnorm((self.eval_pipe(x) for x, _, _ in self.train_loader.batches(epoch)), self.acc)
         ev = None
         t_eval = time.perf_counter()
         if (epoch + 1) % spec.eval_every == 0 or last:

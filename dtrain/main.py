@@ -111,10 +111,10 @@ def build_data(cfg, acc, batch: int, eval_batch: int, resume: Resume | None) -> 
     shard = dict(device=acc.device, rank=acc.process_index, world=acc.num_processes, seed=cfg.seed,
                  workers=cfg.workers)
     return Data(train_set, val_set, mean, std, kind,
-                train_loader=make_loader(train_set, kind, batch_size=batch, train=True, **shard),
+                train_loader=make_loader(train_set, kind, batch_size=batch, train=True, accum=cfg.grad_accum, **shard),
                 val_loader=make_loader(val_set, kind, batch_size=eval_batch, train=False, **shard),
                 train_pipe=Pipeline(AugmentSpec.from_config(cfg), mean, std, acc.device, cfg.channels_last,
-                                    rank=acc.process_index, world=acc.num_processes),
+                                    rank=acc.process_index, world=acc.num_processes, accum=cfg.grad_accum),
                 eval_pipe=Pipeline(AugmentSpec(), mean, std, acc.device, cfg.channels_last))
 
 
@@ -128,7 +128,8 @@ def first_images(cfg, data: Data, n: int) -> torch.Tensor:
 def describe_model(cfg, data: Data) -> dict:
     """What a checkpoint holds besides the weights: the model, its input and the data's fingerprint."""
     train_set = data.train_set
-    return model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits}, train_set.classes,
+    return model_meta(cfg, {"norm": cfg.norm, "aux_logits": cfg.aux_logits, "shakedrop": cfg.shakedrop,
+                            "dropout": cfg.dropout}, train_set.classes,
                       in_channels=train_set.channels, image_size=train_set.size, mean=data.mean, std=data.std,
                       data=data_fingerprint(cfg.dataset, train_set.labels))
 
@@ -155,10 +156,11 @@ def build_training_model(cfg, acc, meta: dict, data: Data, *, fresh: bool, compi
     return model, module, optimizer
 
 
-def mixer(cfg, *, num_classes: int, world: int) -> Mixer | None:
-    """MixUp/CutMix of the training batches, when --mixup or --cutmix asks."""
+def mixer(cfg, *, num_classes: int, parts: int) -> Mixer | None:
+    """MixUp/CutMix of the training batches, when --mixup or --cutmix asks (`parts`: of a step's global
+    batch, processes x micro-batches)."""
     spec = MixSpec.from_config(cfg)
-    return None if spec is None else Mixer(spec, num_classes, world)
+    return None if spec is None else Mixer(spec, num_classes, parts)
 
 
 def run_info(acc, data: Data, module, batch: int, out: Path, compile_spec: CompileSpec | None) -> dict:
@@ -209,7 +211,7 @@ def train(cfg, stop: StopSignal) -> dict:
                            val_loader=data.val_loader, train_pipe=data.train_pipe, eval_pipe=data.eval_pipe,
                            val_labels=data.val_set.labels,
                            compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None,
-                           mix=mixer(cfg, num_classes=meta["num_classes"], world=acc.num_processes))
+                           mix=mixer(cfg, num_classes=meta["num_classes"], parts=acc.num_processes * cfg.grad_accum))
         trainer = Trainer(LoopSpec.from_config(cfg), ScheduleSpec.from_config(cfg), acc, parts,
                           Checkpointer(out, acc, meta, cfg.save_every_minutes), reporters, stop.training())
         if resume is not None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dtrain.muon import MuonWithAuxiliary, muon_groups
+
 
 @dataclass(frozen=True)
 class OptimSpec:
@@ -18,11 +20,15 @@ class OptimSpec:
     weight_decay: float
     decay_norm_bias: bool
     bias_lr_scale: float
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_aux: str = "sgd"
 
     @classmethod
     def from_config(cls, cfg) -> "OptimSpec":
         return cls(cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.decay_norm_bias,
-                   cfg.bias_lr_scale)
+                   cfg.bias_lr_scale, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay, cfg.muon_aux)
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,14 @@ class ScheduleSpec:
     plateau_monitor: str
     plateau_patience: int
     plateau_factor: float
+    swa_start: int | None = None    # from this epoch on the learning rate holds at swa_lr (SWA)
+    swa_lr: float | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "ScheduleSpec":
         return cls(cfg.scheduler, cfg.warmup_epochs, cfg.onecycle_start, cfg.onecycle_peak, cfg.onecycle_end,
-                   tuple(cfg.milestones), cfg.gamma, cfg.plateau_monitor, cfg.plateau_patience, cfg.plateau_factor)
+                   tuple(cfg.milestones), cfg.gamma, cfg.plateau_monitor, cfg.plateau_patience, cfg.plateau_factor,
+                   cfg.swa_start, cfg.swa_lr)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool, lr: float,
@@ -67,6 +76,12 @@ def build_optimizer(spec: OptimSpec, model: nn.Module, device: torch.device,
     """The optimiser of `spec` over `model`'s parameter groups, with fused kernels (one launch for all
     parameters, and under fp16's GradScaler no host sync per step) where `fused` says, by default on CUDA,
     else foreach (RMSprop has no fused kernel)."""
+    if spec.name == "muon":
+        groups = muon_groups(model, muon_lr=spec.muon_lr, muon_weight_decay=spec.muon_weight_decay,
+                             aux=spec.muon_aux, lr=spec.lr, weight_decay=spec.weight_decay,
+                             decay_norm_bias=spec.decay_norm_bias, bias_lr_scale=spec.bias_lr_scale)
+        return MuonWithAuxiliary(groups, momentum=spec.muon_momentum, nesterov=True, aux_momentum=spec.momentum,
+                                 aux_nesterov=spec.nesterov)
     groups = param_groups(model, spec.weight_decay, spec.decay_norm_bias, spec.lr, spec.bias_lr_scale)
     fast = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {"foreach": True}
     if spec.name == "sgd":
@@ -119,6 +134,9 @@ class LRSchedule:
 
     def _apply(self) -> None:
         f = self.factor(self.t)
+        c = self.spec
+        if c.swa_start is not None and self.t >= c.swa_start * self.steps_per_epoch:
+            f = c.swa_lr / self.base[0]   # SWA: every group at swa_lr, in the groups' ratio to the first
         for g, base in zip(self.opt.param_groups, self.base):
             g["lr"] = base * f
 

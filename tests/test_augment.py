@@ -178,7 +178,7 @@ def test_each_augmentation_setting_reaches_its_component(tmp_path):
     cutmix_only = MixSpec.from_config(build_config(["--recipe", str(recipe), "--mixup", "0", "--cutmix", "1.0"]))
     assert all(draw_mix(s, 32, 32, cutmix_only.mixup, cutmix_only.cutmix, 1.0).box is not None for s in range(50))
     assert MixSpec.from_config(build_config(["--arch", "cnn"])) is None
-    assert Mixer(mix, 10, world=2).partner_stride == 4 and Mixer(mix, 10, world=3).partner_stride == 1
+    assert Mixer(mix, 10, 2).partner_stride == 4 and Mixer(mix, 10, 3).partner_stride == 1
     assert AugmentSpec.from_config(build_config(["--recipe", str(recipe), "--no-augment"])).policy == "none"
 
 

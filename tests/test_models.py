@@ -22,6 +22,7 @@ PARAMS = {
     "mnist-cnn-deep": (1, 28, 232_554),
     "mnist-resnet": (1, 28, 577_402),
     "airbench": (3, 32, 1_972_768),
+    "airbench96": (3, 32, 9_918_752),  # lib_airbench96.py's layout less its 24-parameter whitening bias
     "preact-resnet18": (3, 32, 11_171_146),  # kuangliu's PreActResNet18, MixUp's network (He et al. 2016b)
     "resnet20": (3, 32, 269_722),  # He et al. 2016a, Table 6: 0.27M (option A shortcuts)
     "resnet32": (3, 32, 464_154),  # 0.46M

@@ -25,7 +25,7 @@ from dtrain.data.policies import build_policy
 class AugmentSpec:
     crop_padding: int = 0
     pad_mode: str = "constant"
-    hflip: bool = False
+    hflip: bool | str = False       # True: random per image; "alternate": airbench's alternating flip
     vflip: bool = False
     translate: float = 0.0
     rotate: float = 0.0
@@ -35,6 +35,7 @@ class AugmentSpec:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9
     random_erasing: float = 0.0     # the chance per image
+    seed: int = 0                   # the alternating flip's choice of the first epoch's half
 
     @classmethod
     def from_config(cls, cfg) -> "AugmentSpec":
@@ -43,7 +44,8 @@ class AugmentSpec:
         return cls(crop_padding=cfg.crop_padding, pad_mode=cfg.pad_mode, hflip=cfg.hflip, vflip=cfg.vflip,
                    translate=cfg.translate, rotate=cfg.rotate, cutout_holes=cfg.cutout_holes,
                    cutout_length=cfg.cutout_length, policy=cfg.augment_policy, randaugment_ops=cfg.randaugment_ops,
-                   randaugment_magnitude=cfg.randaugment_magnitude, random_erasing=cfg.random_erasing)
+                   randaugment_magnitude=cfg.randaugment_magnitude, random_erasing=cfg.random_erasing,
+                   seed=cfg.seed)
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -132,6 +134,15 @@ def flip(x: torch.Tensor, p_mask: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(p_mask[:, None, None, None], x.flip(dim), x)
 
 
+def alternating(index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """airbench's alternating flip: whether each image (by its dataset index) is flipped in `epoch`. A fixed
+    pseudo-random half of the images in even epochs, the other half in odd ones: every image is seen both ways
+    in any two epochs in a row (a hash of index and seed; no generator, no host work)."""
+    h = (index.long() * 0x9E3779B1 + (seed & 0xFFFF) * 0x85EBCA77) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return ((h ^ (h >> 16)) & 1).bool() ^ bool(epoch % 2)
+
+
 def affine(x: torch.Tensor, angle_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     """Rotate by angle and translate by (tx, ty) (fractions of the size), zero fill; float input."""
     a = angle_deg * math.pi / 180
@@ -160,27 +171,33 @@ class Pipeline:
     """uint8 batch -> (augmented) normalised float batch, in the model's memory format."""
 
     def __init__(self, spec: AugmentSpec, mean, std, device, channels_last: bool = False, rank: int = 0,
-                 world: int = 1):
-        self.spec, self.rank, self.world = spec, rank, world
+                 world: int = 1, accum: int = 1):
+        self.spec, self.rank, self.world, self.accum = spec, rank, world, accum
         self.policy = build_policy(spec.policy, spec.randaugment_ops, spec.randaugment_magnitude)
         self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-        """The batch normalised; augmented too when given the batch's generator (training). x is this
-        process's shard of the global batch (see ShardDraws)."""
+    def __call__(self, x: torch.Tensor, g: torch.Generator | None = None, index: torch.Tensor | None = None,
+                 epoch: int = 0, micro: int = 0) -> torch.Tensor:
+        """The batch normalised; augmented too when given the step's generator (training). x is micro-batch
+        `micro` of this process's shard of the step's global batch: part rank + world x micro of its
+        world x accum interleaved parts (see ShardDraws and TrainShards.batches); `index` (the images'
+        dataset indices) and `epoch` drive the alternating flip."""
         s = self.spec
         train = g is not None
+        parts = self.world * self.accum
         if train:
-            draws = ShardDraws(g, x.shape[0], self.rank, self.world)
+            draws = ShardDraws(g, x.shape[0], self.rank + self.world * micro, parts)
         if train and s.policy != "none":
-            layers = self.policy.draw(x.shape[0] * self.world, x.shape[2], x.shape[3], g)
+            layers = self.policy.draw(x.shape[0] * parts, x.shape[2], x.shape[3], g)
             x = self.policy.apply(x, [layer.rows(draws.mine) for layer in layers])
         if train and s.crop_padding:
             d = draws.randint(-s.crop_padding, s.crop_padding + 1, 2)
             x = shift(x, d[:, 0], d[:, 1], s.pad_mode)
-        if train and s.hflip:
+        if train and s.hflip == "alternate":
+            x = flip(x, alternating(index, epoch, s.seed), 3)
+        elif train and s.hflip:
             x = flip(x, draws.rand() < 0.5, 3)
         if train and s.vflip:
             x = flip(x, draws.rand() < 0.5, 2)

@@ -58,9 +58,9 @@ class ShardedLoader:
     """Training: this process's DistributedSampler shard, reshuffled per epoch; evaluation: an exact shard."""
 
     def __init__(self, imageset: ImageSet, device, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 train: bool = True):
+                 train: bool = True, accum: int = 1):
         self.set, self.device, self.batch_size, self.rank, self.world = imageset, device, batch_size, rank, world
-        self.train = train
+        self.train, self.accum = train, accum
         self.shards = TrainShards(len(imageset), rank, world, seed) if train else None
 
     def __len__(self) -> int:
@@ -70,7 +70,7 @@ class ShardedLoader:
 
     def index_batches(self, epoch: int, start: int) -> list[torch.Tensor]:
         if self.train:
-            return self.shards.batches(epoch, self.batch_size, start)
+            return self.shards.batches(epoch, self.batch_size, start, self.accum)
         return list(eval_shard(len(self.set), self.rank, self.world).split(self.batch_size))[start:]
 
 
@@ -133,10 +133,10 @@ def choose_loader(requested: str, *sets: ImageSet, budget: int = MEMORY_BUDGET) 
 
 
 def make_loader(imageset: ImageSet, kind: str, *, device, batch_size: int, rank: int, world: int, seed: int,
-                train: bool, workers: int):
+                train: bool, workers: int, accum: int = 1):
     """The loader of `kind` ("memory" or "files", from `choose_loader`) for this process's shard: of each
     epoch's shuffled order with `train`, else of the set in order."""
-    shard = dict(batch_size=batch_size, rank=rank, world=world, seed=seed, train=train)
+    shard = dict(batch_size=batch_size, rank=rank, world=world, seed=seed, train=train, accum=accum)
     if kind == "memory":
         if not imageset.in_memory:
             raise UserError("--loader memory needs a dataset held in memory; this one is read from files "

@@ -41,13 +41,17 @@ class MixSpec:
 
 
 class Mixer:
-    def __init__(self, spec: MixSpec, num_classes: int, world: int):
-        self.spec, self.num_classes = spec, num_classes
-        self.partner_stride = MIX_GROUPS // world if MIX_GROUPS % world == 0 else 1
+    """`parts`: how many parts a step's global batch is cut into (processes x accumulated micro-batches)."""
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, spec: MixSpec, num_classes: int, parts: int):
+        self.spec, self.num_classes = spec, num_classes
+        self.partner_stride = MIX_GROUPS // parts if MIX_GROUPS % parts == 0 else 1
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix micro-batch x of step `step` of `epoch` (its index in the epoch): every part of a step shares
+        the step's decision."""
         s = self.spec
-        return mix_batch(x, y, self.num_classes, batch_seed(s.seed, epoch, batch, MIX_STREAM), s.mixup, s.cutmix,
+        return mix_batch(x, y, self.num_classes, batch_seed(s.seed, epoch, step, MIX_STREAM), s.mixup, s.cutmix,
                          s.prob, s.label_smoothing, self.partner_stride)
 
 

@@ -30,11 +30,19 @@ class TrainShards:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def batches(self, epoch: int, batch_size: int, start: int = 0) -> list[torch.Tensor]:
-        """Index batches of epoch `epoch` (0-based), skipping the first `start` (mid-epoch resume)."""
+    def batches(self, epoch: int, batch_size: int, start: int = 0, accum: int = 1) -> list[torch.Tensor]:
+        """Index batches of epoch `epoch` (0-based), skipping the first `start` (mid-epoch resume). With
+        gradient accumulation the `accum` micro-batches of a step interleave (micro-batch j holds the step's
+        positions j, j + accum, ...), so that P processes with --grad-accum k split a step's global batch
+        into the same P x k parts as P x k processes would (augmentation draws and SAM depend on the parts).
+        The count is that of plain batches of batch_size."""
         self.sampler.set_epoch(epoch)
         idx = torch.tensor(list(self.sampler), dtype=torch.long)
-        return list(idx.split(batch_size))[start:]
+        out = []
+        for chunk in idx.split(batch_size * accum):
+            parts = min(accum, -(-len(chunk) // batch_size))
+            out.extend(chunk[j::parts] for j in range(parts))
+        return out[start:]
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)

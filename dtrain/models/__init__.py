@@ -38,6 +38,7 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "mnist-cnn-deep": mnist.mnist_cnn_deep,
     "mnist-resnet": mnist.mnist_resnet,
     "airbench": airbench.airbench,
+    "airbench96": airbench.airbench96,
     "preact-resnet18": preact.preact_resnet18,
     **{f"resnet{depth}": partial(cifar_resnet.cifar_resnet, depth) for depth in cifar_resnet.DEPTHS},
     **{name: wrn.builder_for(name) for name in wrn.LISTED},
@@ -46,7 +47,8 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 # Values of arch_args that mean "not asked for": an arch that lacks the option ignores them.
-NEUTRAL: dict[str, Any] = {"norm": "batch", "aux_logits": False, "pretrained": False, "weights": None}
+NEUTRAL: dict[str, Any] = {"norm": "batch", "aux_logits": False, "pretrained": False, "weights": None,
+                           "shakedrop": 0.0, "dropout": 0.0}
 DATA_INIT_IMAGES = 5000  # training images handed to a model's init_from_data hook
 
 
