@@ -110,7 +110,7 @@ def test_torchrun_sh_one_process_per_gpu_nvidia_smi_reports(tmp_path):
     executable(bin_dir / "nvidia-smi", "#!/bin/sh\necho 'GPU 0: Stub (UUID: GPU-0)'\necho 'GPU 1: Stub (UUID: GPU-1)'\n")
     out = tmp_path / "run"
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # no CUDA_VISIBLE_DEVICES: nvidia-smi counts
-    text = run_training(["bash", "launch/torchrun.sh", *TINY, "--output-dir", str(out)], out, env)
+    text = run_training(["bash", "launch/torchrun.sh", *TINY, "--cpu", "--output-dir", str(out)], out, env)
     assert "world size 2" in text, text
 
 

@@ -80,7 +80,7 @@ def test_torchrun_sh_recovers_from_a_lost_worker_every_time(tmp_path):
         deadline = time.monotonic() + 240
         while len(killed) < ROUNDS and proc.poll() is None and time.monotonic() < deadline:
             done = saved_epochs(out)
-            workers = children(proc.pid)     # torchrun.sh execs torchrun: its children are the workers
+            workers = [w for torchrun in children(proc.pid) for w in children(torchrun)]  # torchrun.sh's child's children
             # One more epoch recorded and saved since the last kill, by a group of two workers.
             if done > len(killed) and len(workers) == 2 and not any(pid in workers for pid, _ in killed):
                 os.kill(workers[len(killed) % 2], signal.SIGKILL)

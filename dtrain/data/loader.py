@@ -59,7 +59,7 @@ class ShardedLoader:
 
     def __init__(self, imageset: ImageSet, device, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  train: bool = True, accum: int = 1):
-        self.set, self.device, self.batch_size, self.rank, self.world = imageset, device, batch_size, rank, world
+        self.set, self.device, self.batch_size, self.rank, self.world = imageset, torch.device(device), batch_size, rank, world
         self.train, self.accum = train, accum
         self.shards = TrainShards(len(imageset), rank, world, seed) if train else None
 
@@ -154,7 +154,7 @@ class ArrayLoader(ShardedLoader):
     the NHWC -> NCHW permutation happens on the device, on uint8 (4x cheaper than on the float batch)."""
 
     def __init__(self, imageset, device, *, batch_size: int, rank: int = 0, world: int = 1):
-        super().__init__(imageset, torch.device(device), batch_size=batch_size, rank=rank, world=world, train=False)
+        super().__init__(imageset, device, batch_size=batch_size, rank=rank, world=world, train=False)
         self.images = imageset.images if isinstance(imageset.images, torch.Tensor) else \
             torch.from_numpy(imageset.images)
         self.labels = imageset.labels
