@@ -6,8 +6,8 @@
     accelerate launch --multi_gpu --num_processes 8 dtrain/main.py --arch googlenet --epochs 100
     python dtrain/main.py --arch cnn --dataset fake --epochs 1          # one process, also fine
 
-`run` and `train` read top to bottom: settings -> processes -> the output folder -> what to resume -> data
--> model -> trainer -> fit.
+`run` and `train` read top to bottom: settings -> processes -> does the model take the images -> the output
+folder -> what to resume -> data -> model -> trainer -> fit.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from dtrain import compiled, settings
 from dtrain.checkpoint import data_fingerprint, model_meta
 from dtrain.checkpointer import Checkpointer
 from dtrain.compiled import CompileSpec
-from dtrain.data import load_dataset, stats
+from dtrain.data import image_size_before_loading, load_dataset, stats
 from dtrain.data.augment import AugmentSpec, Pipeline
 from dtrain.data.loader import choose_loader, make_loader
 from dtrain.data.mixing import Mixer, MixSpec
@@ -44,7 +44,7 @@ from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_e
 from dtrain.engine import LoopSpec, Trainer, TrainParts
 from dtrain.errors import TrainingDiverged, UserError, run_command
 from dtrain.files import make_folder, remove_stale_temp_files, write_text
-from dtrain.models import DATA_INIT_IMAGES, build_model, count_parameters, init_from_data
+from dtrain.models import DATA_INIT_IMAGES, build_model, check_input_size, count_parameters, init_from_data
 from dtrain.optim import OptimSpec, ScheduleSpec, build_optimizer
 from dtrain.preempt import StopSignal
 from dtrain.report.build import make_reporters
@@ -137,7 +137,8 @@ def describe_model(cfg, data: Data) -> dict:
 def build_training_model(cfg, acc, meta: dict, data: Data, *, fresh: bool, compile_spec: CompileSpec | None):
     """(model, module, optimizer): the model of `meta` initialised (from the data on a fresh run, when it
     asks), converted (SyncBN, channels_last), on the device, prepared by accelerate and compiled; module is
-    the module beneath DDP / compile."""
+    the module beneath DDP / compile. A model that cannot take the data's images is a UserError first."""
+    check_input_size(meta["arch"], meta["image_size"], meta["in_channels"])  # an image folder's size: known now
     model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"],
                         pretrained=cfg.pretrained, weights=cfg.weights, **meta["arch_args"])
     if fresh:
@@ -191,6 +192,7 @@ def train(cfg, stop: StopSignal) -> dict:
     batch, eval_batch = process_batch_sizes(acc, cfg.batch_size, cfg.eval_batch_size, cfg.grad_accum)
     check_sync_bn(acc, cfg.sync_bn)
     torch.manual_seed(cfg.seed)
+    check_input_size(cfg.arch, image_size_before_loading(cfg))
     out = Path(broadcast(acc, str(run_output_dir(cfg))))
     with claimed_output_dir(acc, out, cfg.resume) as resume_mode:
         cfg = dataclasses.replace(cfg, output_dir=str(out), resume=resume_mode)

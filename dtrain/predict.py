@@ -7,7 +7,9 @@
     python dtrain/predict.py --prepare --data-dir cifar-10                               # build the decode cache only
 
 The checkpoint alone rebuilds the model (arch, classes, normalisation, input size). Each process predicts
-its own shard (every image exactly once); the main process writes the CSV atomically.
+its own shard (every image exactly once); the main process writes the CSV atomically. The CSV is held
+(OUTPUT.lock beside it, dtrain.rundir.OutputFileLock) from the start until it is written: a second
+`dtrain predict` writing the same file stops at once, naming the first, and never replaces it silently.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import ctypes
 import dataclasses
 import io
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,9 +47,11 @@ from dtrain.files import write_text
 from dtrain.inference import eval_logits, predict_logits
 from dtrain.models import model_from_checkpoint
 from dtrain.report.console import MainConsole, ProgressBar
+from dtrain.rundir import OutputFileLock
 
 
 PER_PROCESS_BATCH = 1024   # images per process and batch unless --batch-size says otherwise: keeps a GPU busy
+OTHER_OUTPUT = "pass another --output"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,10 +104,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--prepare builds a data set's cache; it does not go with --image")
     if args.tta_shift is not None and (args.tta_shift < 0 or args.tta is False):
         raise UserError("--tta-shift N needs TTA (not --no-tta) and N >= 0")
+    if args.image:
+        check_image_paths(args.image)
+    refuse_existing_output(args)
+    return args
+
+
+def check_image_paths(paths: list[str]) -> None:
+    """A UserError, one line, naming the --image paths that are folders or do not exist and what to do."""
+    problems = []
+    for path in paths:
+        if os.path.isdir(path):
+            problems.append(f"{path} is a folder, not an image file: give its image files (--image "
+                            f"{path.rstrip('/')}/*.png), or predict a folder laid out as DIR/test/<class>/<image> "
+                            f"with --dataset imagefolder --data-dir DIR")
+        elif not os.path.exists(path):
+            problems.append(f"{path} does not exist (check the path)")
+    if problems:
+        raise UserError("--image: " + "; ".join(problems))
+
+
+def refuse_existing_output(args) -> None:
+    """A UserError when the CSV exists (an earlier prediction) and --force was not given."""
     output = output_path(args)
     if output is not None and output.exists() and not args.force:
         raise UserError(f"{output} exists (an earlier prediction): pass --force to replace it, or another --output")
-    return args
 
 
 def output_path(args) -> Path | None:
@@ -276,7 +302,34 @@ def csv_text(header: list[str], rows, terminator: str = "\n") -> str:
 
 
 def write_csv(path: Path, text: str) -> None:
-    write_text(path, text, remedy="pass another --output")
+    write_text(path, text, remedy=OTHER_OUTPUT)
+
+
+@contextmanager
+def held_output(acc, args):
+    """The CSV held for this command (main process; nothing for --image and --prepare) for the `with`
+    block: a second `dtrain predict` writing it meanwhile stops with one line naming this one, and one
+    left by a killed run is taken over (dtrain.rundir). Under the lock the CSV is checked again not to
+    exist without --force: a run that finished in between is not replaced."""
+    output, held = output_path(args), []
+
+    def claim():
+        if output is None:
+            return
+        lock = OutputFileLock(output, "dtrain predict", OTHER_OUTPUT).acquire()
+        try:
+            refuse_existing_output(args)
+        except UserError:
+            lock.release()
+            raise
+        held.append(lock)
+
+    run_on_main(acc, claim)
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def _row_ids(imageset, data_dir: str) -> list:
@@ -395,20 +448,8 @@ def write_predictions(args, console: MainConsole, classes: list[str], imageset, 
     return {**result, "output": str(output)}
 
 
-def run(argv=None) -> dict | None:
-
-    args = parse_args(argv)
-    keep_freed_memory()
-    acc = make_accelerator(args.precision, cpu=args.cpu)
-    console = MainConsole(acc.is_main_process)
-    if acc.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    m = load_model(args, acc.device)
-    if args.image:
-        result = run_on_main(acc, lambda: predict_images(args, console, m))
-        acc.end_training()
-        return {"images": result}
-
+def predict_data(args, acc, console: MainConsole, m: LoadedModel) -> dict:
+    """--dataset/--split: the cache (only that, with --prepare), the predictions, the CSV."""
     t0 = time.perf_counter()
     imageset, labelled, kaggle_dir = load_images(args, acc, console, m)
     cached = None
@@ -416,7 +457,6 @@ def run(argv=None) -> dict | None:
         cached = attach_cache(args, acc, console, imageset)
     if args.prepare:
         console.print(f"prepared {len(imageset):,} images: {cached or 'memory only (no cache)'}")
-        acc.end_training()
         return {"images": len(imageset), "cache": str(cached) if cached else None}
 
     targets = targets_in_checkpoint_classes(args, imageset, m.classes) if labelled else None
@@ -427,6 +467,22 @@ def run(argv=None) -> dict | None:
     result.update(run_on_main(acc, lambda: write_predictions(args, console, m.classes, imageset, preds, targets,
                                                              kaggle_dir)))
     acc.wait_for_everyone()
+    return result
+
+
+def run(argv=None) -> dict | None:
+    args = parse_args(argv)
+    keep_freed_memory()
+    acc = make_accelerator(args.precision, cpu=args.cpu)
+    console = MainConsole(acc.is_main_process)
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    with held_output(acc, args):   # a second dtrain predict writing the same CSV stops here, naming this one
+        m = load_model(args, acc.device)
+        if args.image:
+            result = {"images": run_on_main(acc, lambda: predict_images(args, console, m))}
+        else:
+            result = predict_data(args, acc, console, m)
     acc.end_training()
     return result
 

@@ -23,6 +23,10 @@ A lock whose holder is gone is stale and taken over, with a message:
 * an earlier attempt of the same job (the same Slurm job, or the same torchrun rendezvous with a lower
   restart count): Slurm and torchrun end an attempt before they start the next, so the next takes over
   at once, on whichever node it lands.
+
+`OutputFileLock` is the same lock on one file a command writes (dtrain predict's CSV): FILE.lock beside
+it, held from the command's start until FILE is written, so that a second writer of FILE stops at once,
+naming the first, instead of one silently replacing the other.
 """
 from __future__ import annotations
 
@@ -153,10 +157,14 @@ class RunLock:
     acquire() creates the folder, takes the lock (taking over a stale one, with a message on `say`)
     or raises a UserError naming the run that holds it.
     """
+    holder = "run"                        # what holds such a lock, as the messages name it
+    busy = "is in use by"                 # "<guarded> <busy> the <holder> started ... on <host> (pid N)"
+    remedy = "use another --output-dir"   # what a refused user can do instead
 
     def __init__(self, out, env=os.environ, say=None):
-        self.out = Path(out)
+        self.out = Path(out)              # the folder that holds the lock file
         self.path = self.out / LOCK_NAME
+        self.guarded = self.out           # what the lock keeps to one writer
         self.env = env
         self.say = say or (lambda message: print(message, flush=True))
         self.token = uuid.uuid4().hex
@@ -177,7 +185,7 @@ class RunLock:
                 "attempt": _attempt(self.env), "token": self.token}
 
     def acquire(self) -> "RunLock":
-        make_folder(self.out)
+        make_folder(self.out, self.remedy)
         for _ in range(5):
             if self._create():
                 break
@@ -187,8 +195,8 @@ class RunLock:
                 raise UserError(self._in_use(holder))
             self._take_over(seen, holder, why)
         else:
-            raise UserError(f"{self.path} keeps changing hands: another run is starting in {self.out}; use "
-                            f"another --output-dir")
+            raise UserError(f"{self.path} keeps changing hands: another {self.holder} is starting in {self.out}; "
+                            f"{self.remedy}")
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -201,7 +209,7 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as e:
-            raise write_error(self.path, e) from None
+            raise write_error(self.path, e, self.remedy) from None
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
@@ -212,14 +220,14 @@ class RunLock:
         except BaseException as e:  # a full disk, or a stop signal during start-up: no half lock stays
             self.path.unlink(missing_ok=True)
             if isinstance(e, OSError):
-                raise write_error(self.path, e) from None
+                raise write_error(self.path, e, self.remedy) from None
             raise
         return True
 
     def _read(self):
         """The holder's record (None if unreadable), the lock's age in seconds on the file server's clock and
         its bytes (None: no lock)."""
-        probe = self.out / f".{LOCK_NAME}.{self.token}"
+        probe = self.out / f".{self.path.name}.{self.token}"
         try:
             probe.write_bytes(b"")
             now = probe.stat().st_mtime
@@ -234,7 +242,7 @@ class RunLock:
         except FileNotFoundError:
             return None, None, None
         except OSError as e:
-            raise UserError(f"cannot read the lock file {self.path}: {e.strerror}; pass another --output-dir")
+            raise UserError(f"cannot read the lock file {self.path}: {e.strerror}; {self.remedy}")
         try:
             holder = json.loads(seen)
         except ValueError:
@@ -266,7 +274,7 @@ class RunLock:
     def _take_over(self, seen: bytes, holder, why: str) -> None:
         """Move the stale lock aside, compare-and-swap: only if what was moved is what was judged stale (the
         same bytes); a lock another run created in between, readable or not yet, is put back."""
-        aside = self.out / f".{LOCK_NAME}.stale.{self.token}"
+        aside = self.out / f".{self.path.name}.stale.{self.token}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -283,13 +291,12 @@ class RunLock:
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)
-        who = _describe(holder) if holder else "an unknown run"
+        who = _describe(holder, self.holder) if holder else f"an unknown {self.holder}"
         self.say(f"taking over the stale lock {self.path} of {who}: {why}")
 
     def _in_use(self, holder) -> str:
-        if holder is None:
-            return f"{self.out} is in use by a run that is starting now: wait for it, or use another --output-dir"
-        return f"{self.out} is in use by {_describe(holder)}: wait for it, or use another --output-dir"
+        who = _describe(holder, self.holder) if holder else f"a {self.holder} that is starting now"
+        return f"{self.guarded} {self.busy} {who}: wait for it, or {self.remedy}"
 
     def _owned(self) -> bool:
         try:
@@ -300,12 +307,15 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             if not self._owned():
-                self.say(f"warning: {self.path} was taken over by another run; results in {self.out} may be mixed")
+                self.say(f"warning: {self.path} was taken over by another {self.holder}; {self._taken_over_risk()}")
                 return
             try:
                 os.utime(self.path)
             except OSError:
                 pass
+
+    def _taken_over_risk(self) -> str:
+        return f"results in {self.out} may be mixed"
 
     def release(self) -> None:
         """Remove the lock if this run holds it (safe to call more than once; a forked child never does)."""
@@ -318,8 +328,28 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def _describe(holder: dict) -> str:
-    return f"the run started {holder.get('started')} on {holder.get('host')} (pid {holder.get('pid')})"
+class OutputFileLock(RunLock):
+    """The lock on one output file (see the module): FILE.lock beside FILE, held by the process that writes
+    FILE, by `command` (as the messages name it); a refused user is told `remedy`.
+
+        with OutputFileLock("submission.csv", "dtrain predict", "pass another --output"):
+            compute(); write("submission.csv")
+    """
+    busy = "is being written by"
+
+    def __init__(self, file, command: str, remedy: str, env=os.environ, say=None):
+        file = Path(file)
+        super().__init__(file.parent, env, say)
+        self.path = file.parent / f"{file.name}.lock"
+        self.guarded = file
+        self.holder, self.remedy = command, remedy
+
+    def _taken_over_risk(self) -> str:
+        return f"{self.guarded} may be written by both"
+
+
+def _describe(holder: dict, what: str = "run") -> str:
+    return f"the {what} started {holder.get('started')} on {holder.get('host')} (pid {holder.get('pid')})"
 
 
 def open_output_dir(out, resume: str | None, env=os.environ, say=None) -> tuple[RunLock, str | None]:

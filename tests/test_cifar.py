@@ -74,3 +74,18 @@ def test_training_batches_are_read_in_numeric_order_and_stray_files_ignored(tmp_
     expected = [pickle.load(open(d / f"data_batch_{k}", "rb"))["labels"] for k in (1, 2, 10)]
     train, _ = cifar.read(root)
     assert train.labels.tolist() == sum(expected, [])
+
+
+def test_image_size_resizes_bilinear_antialiased(cifar_dir):
+    """--image-size resizes CIFAR as it does every format (it was ignored: a model that needs 75 px got 32)."""
+    cfg = build_config(["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--image-size", "75", "--no-download"])
+    native, _ = cifar.read(cifar_dir)
+    train, test = cifar.load(cfg)
+    assert train.images.shape == (200, 75, 75, 3) and test.images.shape == (50, 75, 75, 3)
+    assert train.size == 75 and test.size == 75 and train.images.dtype == torch.uint8
+    x = native.images[:3].permute(0, 3, 1, 2).float()
+    expected = torch.nn.functional.interpolate(x, size=(75, 75), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.equal(train.images[:3], expected.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    small, _ = cifar.read(cifar_dir, image_size=16)                # shrinking: antialiased
+    assert small.images.shape == (200, 16, 16, 3)
+    assert torch.equal(cifar.read(cifar_dir, image_size=32)[0].images, native.images)

@@ -15,6 +15,7 @@ from dtrain.data.decode import decode_image
 from dtrain.data.loader import make_loader
 from dtrain.errors import UserError
 from helpers import train
+from test_decode import write_16bit
 
 CLASSES = ["zebra", "apple", "mango"]          # sorted: apple, mango, zebra
 
@@ -76,6 +77,46 @@ def test_greyscale_folder_has_one_channel_and_mixed_has_three(tmp_path):
     Image.new("RGB", (28, 28), (255, 0, 0)).save(mixed / "train" / "apple" / "colour.png")
     tr, _ = imagefolder.read(mixed)
     assert tr.channels == 3 and tr.images.shape == (19, 28, 28, 3)
+
+
+def test_16bit_pngs_train_by_their_real_range_in_memory_and_from_files(tmp_path):
+    """Training decodes as prediction does: a 16-bit PNG is value / 257 (not clipped to nearly white),
+    whether the set is decoded into memory or by the file loader's workers."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for split, n in (("train", 3), ("test", 1)):
+        for c in ("dark", "light"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                values[(split, c, i)] = rng.integers(0, 65536, (16, 16)).astype(np.uint16)
+                write_16bit(tmp_path / split / c / f"{i}.png", values[(split, c, i)])
+    expected = values[("train", "dark", 0)] / 257
+    tr, _ = imagefolder.read(tmp_path)
+    assert tr.channels == 1 and tr.in_memory
+    assert np.abs(tr.images[0, :, :, 0].numpy() - expected).max() <= 1
+    tr, _ = imagefolder.read(tmp_path, loader="files")
+    loader = make_loader(tr, "files", device=torch.device("cpu"), batch_size=6, rank=0, world=1, seed=0,
+                         train=False, workers=1)
+    x, _, _ = next(iter(loader.batches()))
+    assert np.abs(x[0, 0].numpy() - expected).max() <= 1
+
+
+def test_channels_follow_the_decoders_grey_modes(tmp_path):
+    """A set of greyscale-mode files (16-bit, LA, 1) has one channel; a palette image with transparency
+    makes it RGB, composited over white."""
+    root = write_folder(tmp_path, sizes=((16, 16),), mode="L")
+    write_16bit(root / "train" / "apple" / "sixteen.png", np.full((16, 16), 65535, np.uint16))
+    Image.fromarray(np.zeros((16, 16, 2), np.uint8), "LA").save(root / "train" / "mango" / "clear.png")
+    Image.new("1", (16, 16), 1).save(root / "train" / "zebra" / "bits.png")
+    tr, _ = imagefolder.read(root)
+    assert tr.channels == 1
+    assert (tr.images[6, :, :, 0] == 255).all()                       # apple/sixteen.png: full scale -> 255
+    assert (tr.images[13, :, :, 0] == 255).all()                      # mango/clear.png: transparent -> white
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(root / "train" / "apple" / "trans.png", transparency=0)
+    tr, _ = imagefolder.read(root)
+    assert tr.channels == 3 and (tr.images[7] == 255).all()          # apple/trans.png: transparent -> white
 
 
 def test_jpeg_and_upper_case_extensions_and_nested_folders(tmp_path):

@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dtrain.checkpoint import load_checkpoint
 from dtrain.errors import UserError
-from dtrain.models import build_model, count_parameters, list_archs, model_from_checkpoint, pyramidnet
+from dtrain.models import build_model, check_input_size, count_parameters, list_archs, model_from_checkpoint, pyramidnet
 from dtrain.models.cifar_resnet import SubsampleZeroPad
 from dtrain.models.pyramidnet import ShakeDrop, shakedrop_probabilities
+from helpers import train
+from test_imagefolder import write_folder
 
 # arch -> (in_channels, image_size, parameters for 10 classes at that channel count)
 PARAMS = {
@@ -454,6 +457,62 @@ def test_tv_checkpoint_round_trip_does_not_need_pretrained_weights(tmp_path, mon
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("arch, size, takes", [("tv:vit_b_16", 32, 224), ("tv:vit_b_16", 256, 224),
+                                              ("tv:inception_v3", 32, 75), ("tv:alexnet", 32, 63)])
+def test_tv_model_that_cannot_take_the_image_size_names_the_size_it_takes(arch, size, takes):
+    with pytest.raises(UserError) as e:
+        check_input_size(arch, size)
+    assert str(e.value).startswith(f"--arch {arch} cannot take {size}x{size} images (")
+    assert str(e.value).endswith(f"pass --image-size {takes} (it takes {takes}x{takes})")
+    check_input_size(arch, takes)                                 # the size it names works
+
+
+@pytest.mark.parametrize("arch, size, channels", [("tv:resnet18", 32, 3), ("tv:regnet_x_400mf", 32, 1),
+                                                  ("tv:swin_t", 32, 3), ("resnet18", 32, 3), ("mnist-cnn", 28, 1)])
+def test_models_that_take_the_image_size_pass_the_check(arch, size, channels):
+    check_input_size(arch, size, channels)
+    check_input_size(arch, None)                                  # not known yet: nothing to check
+
+
+def test_builtin_archs_keep_their_own_size_line():
+    with pytest.raises(UserError, match="needs images of at least 16x16 pixels"):
+        check_input_size("mnist-cnn", 8, 1)
+
+
+def test_tv_model_at_32_px_is_refused_before_the_folder_is_claimed_and_trains_at_the_size_it_names(tmp_path,
+                                                                                                   cifar_dir):
+    out = tmp_path / "run"
+    common = ["--arch", "tv:inception_v3", "--data-dir", cifar_dir, "--no-download", "--max-steps", 1,
+              "--batch-size", 4, "--eval-batch-size", 50, "--workers", 0, "--output-dir", out]
+    r = train(common, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: --arch tv:inception_v3 cannot take 32x32 images (Calculated padded input size per channel: (1 x 1). "
+        "Kernel size: (3 x 3). Kernel size can't be greater than actual input size); pass --image-size 75 "
+        "(it takes 75x75)"]
+    assert not out.exists()                                       # refused before the output folder is claimed
+    r = train(["--arch", "tv:vit_b_16", "--dataset", "fake", "--output-dir", out], check=False)
+    assert r.returncode == 2 and "pass --image-size 224 (it takes 224x224)" in r.stderr and not out.exists()
+    train([*common, "--image-size", 75])                          # CIFAR-10 resized to 75 px: it trains
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["image_size"] == 75 and ckpt["arch"] == "tv:inception_v3"
+
+
+def test_image_folder_too_small_for_the_model_is_refused_before_anything_is_written(tmp_path):
+    """An image folder's size is known once its images are scanned: the check runs then, before the run
+    writes anything into its folder, so the corrected command can use the same folder."""
+    root = write_folder(tmp_path / "data", n_train=2, n_test=1, sizes=((32, 32),))
+    out = tmp_path / "run"
+    common = ["--arch", "tv:inception_v3", "--dataset", "imagefolder", "--data-dir", root, "--max-steps", 1,
+              "--batch-size", 4, "--workers", 0, "--output-dir", out]
+    r = train(common, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "pass --image-size 75" in r.stderr
+    assert list(out.iterdir()) == []                              # claimed, then released: nothing written
+    train([*common, "--image-size", 75])
+    assert load_checkpoint(out / "last.pt")["image_size"] == 75
 
 
 # --- airbench whitening ---------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ labelled data, single images, and a trained-then-predicted run on real CIFAR-10 
 from __future__ import annotations
 
 import csv
+import json
 import pickle
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,27 @@ from PIL import Image
 
 from helpers import MAIN, REPO, launch
 from helpers import SHARED_DATA as SHARED
+from test_decode import write_16bit
 from test_kaggle import CLASSES, image, write_kaggle, write_test
+from test_rundir import start, stop
 
 PREDICT = str(REPO / "dtrain" / "predict.py")
 N_TEST = 1000
+
+# a real `dtrain predict` (argv[2:]) held in its CSV write: it prints "writing", then waits for the file argv[1]
+HELD_IN_WRITE = """
+import sys, time
+from pathlib import Path
+import dtrain.predict as predict
+go, write = Path(sys.argv[1]), predict.write_csv
+def held(path, text):
+    print("writing", flush=True)
+    while not go.exists():
+        time.sleep(0.05)
+    write(path, text)
+predict.write_csv = held
+predict.main(sys.argv[2:])
+"""
 
 
 def predict(args: list, nproc: int = 1, **kw):
@@ -157,6 +176,73 @@ def test_single_images_top5_grey_and_rgba(checkpoint, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
     r = predict(["--checkpoint", checkpoint, "--image", tmp_path / "bad.png"], check=False)
     assert r.returncode != 0 and "bad.png" in r.stderr
+
+
+def wait_until_writing(proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        if line == "writing\n":
+            return
+    raise AssertionError(f"the first dtrain predict ended before writing: {proc.communicate()[1][-3000:]}")
+
+
+def test_second_predict_writing_the_same_csv_is_refused_naming_the_first(checkpoint, tmp_path):
+    twelve, thirty, csv_path = tmp_path / "k12", tmp_path / "k30", tmp_path / "sub.csv"
+    write_test(twelve / "test", range(1, 13))
+    write_test(thirty / "test", range(1, 31))
+    first = start(["-c", HELD_IN_WRITE, tmp_path / "go", "--checkpoint", checkpoint, "--data-dir", twelve,
+                   "--output", csv_path, "--no-cache"])
+    try:
+        wait_until_writing(first)
+        r = predict(["--checkpoint", checkpoint, "--data-dir", thirty, "--output", csv_path, "--no-cache", "--force"],
+                    check=False)
+        assert r.returncode == 2, f"the second dtrain predict was not refused:\n{r.stdout[-2000:]}"
+        holder = json.loads((tmp_path / "sub.csv.lock").read_text())
+        assert holder["pid"] == first.pid and r.stderr.strip().splitlines() == [
+            f"error: {csv_path} is being written by the dtrain predict started {holder['started']} on "
+            f"{socket.gethostname()} (pid {first.pid}): wait for it, or pass another --output"]
+        assert not csv_path.exists()                               # refused at once, before predicting
+        (tmp_path / "go").touch()
+        assert first.wait(timeout=120) == 0
+    finally:
+        stop(first)
+    assert len(rows(csv_path)) == 13                               # the first's 12 rows, not the second's 30
+    assert not (tmp_path / "sub.csv.lock").exists()
+
+
+def test_csv_lock_left_by_kill_9_is_taken_over_and_said_so(checkpoint, tmp_path):
+    data, csv_path = tmp_path / "k12", tmp_path / "sub.csv"
+    write_test(data / "test", range(1, 13))
+    first = start(["-c", HELD_IN_WRITE, tmp_path / "go", "--checkpoint", checkpoint, "--data-dir", data,
+                   "--output", csv_path, "--no-cache"])
+    try:
+        wait_until_writing(first)
+    finally:
+        stop(first)                                                # kill -9 in the write: no chance to release
+    assert (tmp_path / "sub.csv.lock").exists() and not csv_path.exists()
+    r = predict(["--checkpoint", checkpoint, "--data-dir", data, "--output", csv_path, "--no-cache"])
+    assert f"taking over the stale lock {csv_path}.lock of the dtrain predict started" in r.stdout
+    assert f"(pid {first.pid}): its process {first.pid} is gone" in r.stdout
+    assert len(rows(csv_path)) == 13 and not (tmp_path / "sub.csv.lock").exists()
+
+
+def test_a_16bit_png_is_predicted_as_its_8bit_twin(checkpoint, tmp_path):
+    """A 16-bit PNG is decoded by its full scale (value / 257), not clipped to nearly white."""
+    grey = image(3, np.random.default_rng(4))[..., 0]
+    write_16bit(tmp_path / "sixteen.png", grey.astype(np.uint16) * 257)
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    r = predict(["--checkpoint", checkpoint, "--image", tmp_path / "sixteen.png", tmp_path / "eight.png",
+                 "--top-k", 10])
+    lines = r.stdout.splitlines()
+    at = {name: next(i for i, line in enumerate(lines) if line.endswith(name)) for name in ("sixteen.png", "eight.png")}
+    assert lines[at["sixteen.png"] + 1: at["sixteen.png"] + 11] == lines[at["eight.png"] + 1: at["eight.png"] + 11]
+
+
+def test_image_that_is_a_folder_or_missing_says_what_is_true(checkpoint, tmp_path):
+    r = predict(["--checkpoint", checkpoint, "--image", tmp_path, tmp_path / "missing.png"], check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --image: {tmp_path} is a folder, not an image file: give its image files (--image {tmp_path}/*.png), "
+        f"or predict a folder laid out as DIR/test/<class>/<image> with --dataset imagefolder --data-dir DIR; "
+        f"{tmp_path / 'missing.png'} does not exist (check the path)"]
 
 
 def test_bad_arguments(kdir, tmp_path):

@@ -1,7 +1,10 @@
 """Datasets as uint8 image sets, one module per on-disk format.
 
-Each format module has `load(cfg) -> (train: ImageSet, val: ImageSet)`; `load_dataset` dispatches on
-`cfg.dataset`. Data code knows nothing of processes, models or logging.
+Each format module has `load(cfg) -> (train: ImageSet, val: ImageSet)` and `NATIVE_SIZE`, the side of its
+images without --image-size (None where the images decide: an image folder); `load_dataset` dispatches on
+`cfg.dataset`. `--image-size N` resizes every format to N x N (bilinear, antialiased): in memory with
+`resize_images` (cifar10, cifar100, mnist), when decoded (kaggle, imagefolder), or by generating the images at
+that size (fake). Data code knows nothing of processes, models or logging.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+RESIZE_CHUNK = 1024   # images resized at a time: bounds the float copy (1024 x 3 x 224 x 224 floats: 0.6 GiB)
 FORMATS = {"cifar10": "cifar", "cifar100": "cifar", "fake": "fake", "kaggle": "kaggle", "imagefolder": "imagefolder",
            "mnist": "mnist"}
 
@@ -44,9 +48,34 @@ class ImageSet:
             channels=self.channels, size=self.size, mean=self.mean, std=self.std, meta=self.meta)
 
 
+def _format(dataset: str):
+    return importlib.import_module(f"dtrain.data.{FORMATS[dataset]}")
+
+
 def load_dataset(cfg) -> tuple[ImageSet, ImageSet]:
-    module = importlib.import_module(f"dtrain.data.{FORMATS[cfg.dataset]}")
-    return module.load(cfg)
+    return _format(cfg.dataset).load(cfg)
+
+
+def image_size_before_loading(cfg) -> int | None:
+    """The side of the images a run of `cfg` trains on, as far as it is known before the data is read:
+    --image-size, else the format's own size (cifar10, cifar100, kaggle, fake 32; mnist 28); None for an image
+    folder without --image-size, whose images decide."""
+    return cfg.image_size or _format(cfg.dataset).NATIVE_SIZE
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 N x H x W x C images -> N x size x size x C, bilinear and antialiased, RESIZE_CHUNK images at a
+    time; the images themselves when they already have that size."""
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    out = torch.empty((n, size, size, c), dtype=torch.uint8)
+    for lo in range(0, n, RESIZE_CHUNK):
+        x = images[lo:lo + RESIZE_CHUNK].permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+        out[lo:lo + RESIZE_CHUNK] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out
 
 
 def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

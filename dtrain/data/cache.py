@@ -3,8 +3,9 @@
 Decoding many small PNGs costs far more than using them, so a file-backed image set is decoded once (in
 worker processes: dtrain.data.decode) and stored as a single array file, memory-mapped on later reads. The file's
 name carries a key: a hash of the file list (names relative to the data root), each file's size and
-modification time, and the decode settings (size, channels). Any added, removed, replaced or touched
-image gives a new key, hence a rebuild; older caches of the same folder are then removed.
+modification time, and the decode settings (size, channels, the decoder's version). Any added, removed,
+replaced or touched image, or a decoder that gives other pixels, gives a new key, hence a rebuild; older
+caches of the same folder are then removed.
 
 Location: `<data root>/.dtrain-cache/` beside the data, or `--cache-dir`. The file is written atomically
 (temp file + rename): a killed build leaves no half cache. Callers decide which process builds (only
@@ -41,8 +42,10 @@ class CacheFile:
 
 
 def fingerprint(files: Sequence[str | os.PathLike], root: str | os.PathLike, size: int, channels: int) -> str:
-    """Hash of the file list (relative names, in order), sizes, mtimes and the decode settings."""
-    h = hashlib.sha256(f"dtrain packed cache v{VERSION} size={size} channels={channels}\n".encode())
+    """Hash of the file list (relative names, in order), sizes, mtimes and the decode settings (a cache
+    written by an older decoder, which gave other pixels, is not reused)."""
+    h = hashlib.sha256(f"dtrain packed cache v{VERSION} decoder={decode.DECODER_VERSION} size={size} "
+                       f"channels={channels}\n".encode())
     root = os.path.abspath(root)
     for f in files:
         try:

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtrain.data import ImageSet
+from dtrain.data import ImageSet, resize_images
 from dtrain.errors import UserError
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+NATIVE_SIZE = 32
 _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
             ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
@@ -147,7 +148,9 @@ def class_names(d: Path, kind: Layout) -> list[str]:
     return [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(kind.names, kind.default_names)]
 
 
-def read(root: str | Path, kind: Layout = CIFAR10) -> tuple[ImageSet, ImageSet]:
+def read(root: str | Path, kind: Layout = CIFAR10, image_size: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) of the `kind` files under root, resized to image_size x image_size (bilinear,
+    antialiased) when given: the whole set is held in memory at that size (N x S x S x 3 bytes)."""
     d = find(root, kind)
     if d is None:
         raise UserError(missing_message(root, "--no-download was given", kind))
@@ -157,7 +160,8 @@ def read(root: str | Path, kind: Layout = CIFAR10) -> tuple[ImageSet, ImageSet]:
         x, y = _read_split(paths, kind.labels)
         if len(y) and (y.min() < 0 or y.max() >= len(classes)):
             raise UserError(f"{d}: labels outside 0..{len(classes) - 1}")
-        sets.append(ImageSet(labels=y, classes=classes, images=x, size=32, mean=kind.mean, std=kind.std))
+        x = resize_images(x, image_size or NATIVE_SIZE)
+        sets.append(ImageSet(labels=y, classes=classes, images=x, size=x.shape[1], mean=kind.mean, std=kind.std))
     return sets[0], sets[1]
 
 
@@ -167,4 +171,4 @@ def load(cfg) -> tuple[ImageSet, ImageSet]:
     kind = layout(cfg)
     if find(cfg.data_dir, kind) is None and cfg.download:
         download(cfg.data_dir, kind)
-    return read(cfg.data_dir, kind)
+    return read(cfg.data_dir, kind, cfg.image_size)

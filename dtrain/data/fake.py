@@ -5,6 +5,8 @@ import torch
 
 from dtrain.data import ImageSet
 
+NATIVE_SIZE = 32   # --image-size N generates N x N images
+
 
 def make(n: int, num_classes: int, size: int, channels: int, seed: int) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
@@ -17,5 +19,5 @@ def make(n: int, num_classes: int, size: int, channels: int, seed: int) -> Image
 
 
 def load(cfg) -> tuple[ImageSet, ImageSet]:
-    k, size = cfg.num_classes or 10, cfg.image_size or 32
+    k, size = cfg.num_classes or 10, cfg.image_size or NATIVE_SIZE
     return (make(cfg.fake_size, k, size, 3, cfg.seed), make(max(cfg.fake_size // 4, 1), k, size, 3, cfg.seed + 1))

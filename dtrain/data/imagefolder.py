@@ -8,8 +8,10 @@ ImageFolder layout; DIR/val/<class>/... is accepted in place of DIR/test).
   instead of DIR/test.
 - Size: `--image-size S` resizes every image to S x S (bilinear, antialiased). Without it the images must
   all be one square size, which is then used as is.
-- Channels: 1 when every image is greyscale (PIL modes 1, L, LA, I, I;16, F), else 3 (RGB). Colour and
-  greyscale images may be mixed: each is converted to the set's channel count when decoded.
+- Channels: 1 when every image is greyscale (dtrain.data.decode.GREY_MODES: PIL modes 1, L, LA, I, I;16*,
+  F), else 3 (RGB). Colour and greyscale images may be mixed: each is converted to the set's channel count
+  when decoded. Every mode is decoded to 8 bits by its real range (16-bit by / 257, transparency over
+  white: dtrain.data.decode), the same way for training and prediction.
 - Memory: `dtrain.data.loader.choose_loader` decides. A set whose decoded uint8 pixels (train + validation)
   fit in MEMORY_BUDGET bytes is decoded once, in parallel, into `ImageSet.images`, so the in-memory
   (device-resident) loader applies; a larger one stays file-backed (`ImageSet.files`) and is decoded in
@@ -28,11 +30,11 @@ import torch
 from PIL import Image
 
 from dtrain.data import ImageSet, stratified_split
-from dtrain.data.decode import decode_all, default_workers
+from dtrain.data.decode import GREY_MODES, decode_all, default_workers
 from dtrain.data.loader import MEMORY_BUDGET, choose_loader
 from dtrain.errors import UserError
 
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+NATIVE_SIZE = None                       # the images decide (or --image-size)
 HEADER_SCAN_LIMIT = 20_000               # with --image-size, larger sets decide the channels from a sample
 LAYOUT = ("expected DIR/train/<class>/<image> and DIR/test/<class>/<image> (or DIR/val/...), e.g. "
           "DIR/train/cat/001.png, DIR/train/dog/002.jpg; or only DIR/train/... with --val-split N")

@@ -24,6 +24,7 @@ from dtrain.data import ImageSet, cache, stratified_split
 from dtrain.data.cifar import CLASSES, MEAN, STD
 from dtrain.errors import UserError
 
+NATIVE_SIZE = 32   # the competition's PNGs; --image-size N resizes them as they are decoded
 _PNG = re.compile(r"(\d+)\.png")
 LAYOUT = ("DIR/train/1.png .. N.png, DIR/trainLabels.csv (id,label) and DIR/test/1.png .., as unpacked from "
           "the competition's train.7z/test.7z (or written by `python ../shared/data/export.py kaggle DIR`)")
@@ -143,7 +144,7 @@ def load(cfg, log: Callable[[str], None] | None = print) -> tuple[ImageSet, Imag
         train_idx, val_idx = stratified_split(labels, cfg.val_split, cfg.seed)
     except ValueError as e:
         raise UserError(f"--val-split {cfg.val_split}: {e} ({len(labels):,} labelled images)") from None
-    size = cfg.image_size or 32
+    size = cfg.image_size or NATIVE_SIZE
     files = [found[i] for i, _ in rows]
     images = cache.load_or_build(files, root, f"train-{size}px", size, 3, cfg.cache_dir, log=log)
     full = ImageSet(labels=labels, classes=list(CLASSES), images=torch.from_numpy(images), files=files,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dtrain.data import ImageSet
+from dtrain.data import ImageSet, resize_images
 from dtrain.errors import UserError
 
 SPLITS = {"train": "train", "test": "t10k"}
@@ -22,6 +22,7 @@ FILES = [f"{s}-{kind}-ubyte" for s in SPLITS.values() for kind in ("images-idx3"
 CLASSES = [str(i) for i in range(10)]
 MEAN = (0.1307,)
 STD = (0.3081,)
+NATIVE_SIZE = 28             # MNIST's digits; other square idx files are read at their own size
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 
 
@@ -108,13 +109,6 @@ def download(root: str | Path) -> None:
             raise UserError(missing_message(root, "downloading it failed (" + "; ".join(errors) + ")"))
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 N x H x W x 1 -> N x size x size x 1 (bilinear, antialiased)."""
-    x = images.permute(0, 3, 1, 2).float()
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
 def read(root: str | Path, image_size: int | None = None) -> tuple[ImageSet, ImageSet]:
     d = find(root)
     if d is None:
@@ -133,7 +127,7 @@ def read(root: str | Path, image_size: int | None = None) -> tuple[ImageSet, Ima
         if image_size is not None and image_size != images.shape[1]:
             if image_size < 1:
                 raise UserError(f"--image-size must be positive, not {image_size}")
-            images = _resize(images, image_size)
+            images = resize_images(images, image_size)
         sets.append(ImageSet(labels=torch.from_numpy(y.astype(np.int64)), classes=list(CLASSES), images=images,
                              channels=1, size=images.shape[1], mean=MEAN, std=STD, meta={"root": str(d)}))
     return sets[0], sets[1]

@@ -15,10 +15,15 @@ and `init_from_data` below, so a model without them is a plain nn.Module returni
     init_from_data(images)
         Set weights from normalised training images (N, C, H, W; up to DATA_INIT_IMAGES of them), once,
         before a fresh run's first step (never on resume: the checkpoint holds them). airbench's whitening.
+
+`check_input_size(arch, image_size)` says, before anything is trained or written, whether the model takes
+images of that size (a torchvision model may not: tv:vit_b_16 takes 224x224 only, tv:inception_v3 75x75 and
+larger), and if not which --image-size it takes.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from functools import partial
 from typing import Any, Callable
@@ -50,6 +55,9 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 NEUTRAL: dict[str, Any] = {"norm": "batch", "aux_logits": False, "pretrained": False, "weights": None,
                            "shakedrop": 0.0, "dropout": 0.0}
 DATA_INIT_IMAGES = 5000  # training images handed to a model's init_from_data hook
+# image sizes tried, smallest first, to name one a model takes (with torchvision's min_size for a tv: model)
+PROBE_SIZES = (32, 64, 75, 96, 128, 160, 192, 224, 256, 299, 320, 384, 448, 512, 518)
+PROBE_BATCH = 2          # a training batch-norm needs more than one value per channel
 
 
 def list_archs() -> list[str]:
@@ -100,6 +108,68 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     return builder(int(num_classes), int(in_channels), int(image_size), **kwargs)
 
 
+def check_input_size(arch: str, image_size: int | None, in_channels: int = 3) -> None:
+    """Nothing when `arch` takes image_size x image_size images (or image_size is None: not known yet); else a
+    UserError, one line naming why, the size the model takes and `--image-size N`. A built-in arch's own
+    size check (a UserError from its builder) is raised as it is.
+
+    The model is built without weights on the meta device and runs a training forward on a meta batch of
+    that shape: shape errors show without compute or memory (about a second for the largest torchvision
+    models; the answer is remembered per process). A model that runs on the meta device at none of
+    PROBE_SIZES cannot be judged this way and passes."""
+    if image_size is None:
+        return
+    problem = input_size_problem(arch, int(image_size), int(in_channels))
+    if problem is not None:
+        raise UserError(problem)
+
+
+@functools.lru_cache(maxsize=None)
+def input_size_problem(arch: str, image_size: int, in_channels: int) -> str | None:
+    """Why `arch` cannot take image_size x image_size images and the size it takes, or None (see
+    check_input_size)."""
+    with torch.random.fork_rng(devices=[]):     # building consumes no random numbers of the run's
+        model = _model_on_meta(arch, in_channels, image_size)
+    error = _meta_forward_error(model, in_channels, image_size)
+    if error is None:
+        return None
+    works = next((s for s in _sizes_to_try(arch) if _meta_forward_error(model, in_channels, s) is None), None)
+    if works is None:
+        return None
+    return (f"--arch {arch} cannot take {image_size}x{image_size} images ({error}); pass --image-size {works} "
+            f"(it takes {works}x{works})")
+
+
+def _model_on_meta(arch: str, in_channels: int, image_size: int) -> nn.Module:
+    """`arch` for 10 classes, without weights, its parameters and buffers on the meta device, in training mode."""
+    from accelerate import init_empty_weights  # heavy: only for this check
+
+    with init_empty_weights():
+        model = build_model(arch, 10, in_channels, image_size)
+    return model.to("meta").train()
+
+
+def _meta_forward_error(model: nn.Module, in_channels: int, size: int) -> str | None:
+    """The first line of the error a forward of a meta batch of size x size images raises, or None."""
+    try:
+        with torch.no_grad():
+            model(torch.empty(PROBE_BATCH, in_channels, size, size, device="meta"))
+    except NotImplementedError:  # an operation without a meta kernel: this probe cannot judge the model
+        return None
+    except Exception as e:       # whatever the layers raise (RuntimeError, AssertionError...): judged by the sizes
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return line if len(line) <= 160 else line[:157] + "..."
+    return None
+
+
+def _sizes_to_try(arch: str) -> list[int]:
+    """PROBE_SIZES and, for a tv: model, torchvision's min_size for it, smallest first."""
+    sizes = set(PROBE_SIZES)
+    if arch.startswith(tv.PREFIX):
+        sizes.add(tv.min_size(arch[len(tv.PREFIX):]) or PROBE_SIZES[0])
+    return sorted(sizes)
+
+
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the model stored in a dtrain checkpoint and load its weights (returned in eval mode)."""
     try:
@@ -141,5 +211,5 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ARCHS", "DATA_INIT_IMAGES", "build_model", "count_parameters", "init_from_data", "list_archs",
-           "model_from_checkpoint", "training_loss"]
+__all__ = ["ARCHS", "DATA_INIT_IMAGES", "build_model", "check_input_size", "count_parameters", "init_from_data",
+           "list_archs", "model_from_checkpoint", "training_loss"]

@@ -64,6 +64,16 @@ def cached_weights_path(name: str) -> tuple[object, str]:
     return weights, os.path.join(torch.hub.get_dir(), "checkpoints", filename)
 
 
+def min_size(name: str) -> int | None:
+    """The smallest image side torchvision's default weights for `name` state (meta["min_size"]), or None."""
+    import torchvision
+
+    try:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["min_size"][0])
+    except (ValueError, KeyError, AttributeError, TypeError, IndexError):
+        return None
+
+
 def find_head(model: nn.Module, out_features: int = IMAGENET_CLASSES) -> str:
     """Dotted name of the classifier layer: the last Linear/Conv2d producing `out_features` outputs."""
     head = None
