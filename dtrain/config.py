@@ -289,6 +289,9 @@ class Config:
                           "combination --sweep-index (default $SLURM_ARRAY_TASK_ID); --sweep-list shows them",
                           policy=SWEEP)
     sweep_index: int | None = _f(None, "which combination of the --sweep grid this run is (from 0)", policy=SWEEP)
+    sweep_offset: int | None = _f(None, "a grid larger than one Slurm array, submitted in chunks: this array task is "
+                                  "combination --sweep-offset + $SLURM_ARRAY_TASK_ID (--sweep-list prints the chunks)",
+                                  check=at_least(0), policy=SWEEP)
     save_every_minutes: float | None = _f(None, "also write last.pt mid-epoch, at the first step after this "
                                           "many minutes since the last save (default: off), so a crash loses "
                                           "at most that much work", check=positive, policy=INCIDENTAL)
@@ -370,6 +373,7 @@ def settings_where(test: Callable[[Policy], bool]) -> tuple[str, ...]:
 # Keys of a run's config.json that belong to that run alone: re-running it (`--recipe RUN/config.json`)
 # writes a new folder, starts fresh and is not part of the sweep the saved run came from.
 RUN_ONLY_KEYS = settings_where(lambda p: p.run_only)
+SWEEP_KEYS = settings_where(lambda p: p == SWEEP)      # the grid and the run's place in it: command line only
 
 
 def load_recipe(name: str) -> dict:
@@ -394,8 +398,9 @@ def load_recipe(name: str) -> dict:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"recipe {path} is not valid TOML: {e}") from None
         data.pop("description", None)
-        if "sweep" in data or "sweep_index" in data:
-            raise UserError(f"recipe {path}: sweep and sweep_index belong on the command line (--sweep KEY=V1,V2)")
+        sweep_keys = [key for key in SWEEP_KEYS if key in data]
+        if sweep_keys:
+            raise UserError(f"recipe {path}: {' and '.join(sweep_keys)} belong on the command line (--sweep KEY=V1,V2)")
     unknown = sorted(set(data) - set(FIELDS) - {"recipe"})
     if unknown:
         raise UserError(f"recipe {path}: unknown settings {', '.join(unknown)}")

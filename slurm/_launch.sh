@@ -51,6 +51,35 @@ dtrain_job_key() {
     fi
 }
 
+# Slurm fills the log pattern's %a with NO_VAL (4294967294) in a job that is not an array task, so
+# slurm/cifar.sh's logs/%x-%A_%a.out names a plain job's log logs/<name>-<job id>_4294967294.out.
+DTRAIN_NOT_AN_ARRAY_TASK=4294967294
+
+# dtrain_name_log: in a plain job, rename a log named <...>_4294967294<...> (the batch shell's stdout or
+# stderr) to the name without _4294967294, logs/<name>-<job id>.out: Slurm keeps writing to the file
+# under its new name (its own lines too, such as a cancel). A requeued job, which Slurm gives a fresh
+# <...>_4294967294 file, finds the first run's log under the name: the first run's lines and this run's
+# are copied into the file Slurm writes to, which then takes the name (so a requeued plain job's log is
+# appended to, as with the script's --open-mode=append, whatever the mode). An array task's log has its
+# real task number there and is left alone; a rename that fails is said in the log and the job goes on.
+dtrain_name_log() {
+    local fd path name clean
+    for fd in 1 2; do
+        path=$(readlink "/proc/$$/fd/$fd" 2>/dev/null) || continue
+        name=${path##*/}
+        if [[ $name != *_"$DTRAIN_NOT_AN_ARRAY_TASK"* || ! -f $path ]]; then
+            continue
+        fi
+        clean=${path%/*}/${name//_"$DTRAIN_NOT_AN_ARRAY_TASK"/}
+        if [[ -f $clean ]]; then
+            cat "$path" >>"$clean" && cat "$clean" >"$path"
+        fi
+        if ! mv -f "$path" "$clean"; then
+            _dtrain_log "could not rename the log $path to $clean; it stays under its Slurm name"
+        fi
+    done
+}
+
 # Called by the traps: remember the signal and pass it on to the tasks (slurm/_node.sh on every
 # node) through srun, which forwards most signals it receives to its tasks. Not SIGTERM: srun
 # answers that by killing the step. So SIGTERM goes on as SIGUSR2, which slurm/_node.sh turns
@@ -83,6 +112,7 @@ dtrain_launch() {
     fi
     cd "$root" || return 2
     export DTRAIN_ROOT=$root
+    dtrain_name_log
 
     local job_key
     job_key=$(dtrain_job_key)

@@ -9,7 +9,10 @@
 # once with one line. Unless given, the run writes to --output-dir runs/<job name>-<job id> (an
 # array task: runs/<job name>-<array job id>_<task>, its --sweep combination) and starts with
 # --resume auto, so a requeued job continues where it stopped. Run sbatch from the repository root (or set DTRAIN_ROOT); the log
-# goes to logs/<job name>-<job id>.out (logs/ ships with the checkout: Slurm does not create it).
+# goes to logs/<job name>-<job id>.out, an array task's to logs/<job name>-<array job id>_<task>.out, named
+# as its run folder (logs/ ships with the checkout: Slurm does not create it). The --output pattern below
+# is Slurm's %A_%a, which in a plain job reads <job id>_4294967294: slurm/_launch.sh renames that log to
+# logs/<job name>-<job id>.out as the job starts.
 #
 # Defaults: edit them here, or override any of them on the sbatch command line.
 #SBATCH --job-name=dtrain
@@ -17,7 +20,7 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=logs/%x-%A_%a.out
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue

@@ -249,31 +249,97 @@ def test_lost_worker_restarts_the_group_which_resumes(slurm_cluster, train_args,
     assert [r["epoch"] for r in metrics(out)] == list(range(1, epochs + 1)), text
 
 
+def job_logs(name: str) -> list[str]:
+    """The log files of jobs named `name` in the checkout's logs/ (slurm/cifar.sh's default --output)."""
+    return sorted(p.name for p in (REPO / "logs").glob(f"{name}-*"))
+
+
 @pytest.mark.slurm
-def test_array_tasks_default_to_runs_job_name_array_id_task(slurm_cluster, train_args, tmp_path):
+def test_array_tasks_write_runs_and_logs_named_job_name_array_id_task(slurm_cluster, train_args):
     """Without --output-dir, each task of an array job writes to runs/<job name>-<array job id>_<task>
-    (dtrain/main.py's default under Slurm, the folder a requeued task resumes from)."""
+    (dtrain/main.py's default under Slurm, the folder a requeued task resumes from), and with slurm/cifar.sh's
+    own --output its log is logs/<job name>-<array job id>_<task>.out: the same name, not the task's job id."""
     cluster, name = slurm_cluster, f"dtrain-t{os.getpid()}"
-    log = tmp_path / "job-%a.log"
-    r = cluster.run(["sbatch", "--parsable", "--job-name", name, "--array=3-4", "--nodes", "1", "--output", str(log),
+    r = cluster.run(["sbatch", "--parsable", "--job-name", name, "--array=3-4", "--nodes", "1",
                      "slurm/cifar.sh", *train_args, "--epochs", "1"], cwd=REPO, env=job_env(cluster))
     assert r.returncode == 0, r.stderr
     array_id = r.stdout.strip().split(";")[0]
     dirs = [REPO / "runs" / f"{name}-{array_id}_{task}" for task in (3, 4)]
+    logs = [REPO / "logs" / f"{name}-{array_id}_{task}.out" for task in (3, 4)]
     job_ids = set()
     try:
-        for task, run_dir in zip((3, 4), dirs):
-            task_log = tmp_path / f"job-{task}.log"
+        for task, run_dir, task_log in zip((3, 4), dirs, logs):
             state = wait_job(cluster, f"{array_id}_{task}", task_log, timeout=120)
             assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", failure(
                 cluster, f"{array_id}_{task}", task_log, "the array task did not complete")
-            assert f"output: runs/{name}-{array_id}_{task}" in read(task_log), read(task_log)
+            assert f"output: runs/{run_dir.name}" in read(task_log), (job_logs(name), read(task_log))
             assert (run_dir / "last.pt").is_file() and len(metrics(run_dir)) == 1, sorted(os.listdir(REPO / "runs"))
             job_ids.add(state["JobId"])
         assert len(job_ids) == 2                   # a task's own job id differs from the array's
+        assert job_logs(name) == [log.name for log in logs]
     finally:
-        for run_dir in dirs:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        for path in [*dirs, *logs]:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def wait_restarted(cluster, job_id: str, log: Path, restarts: int, timeout: float = 90) -> dict:
+    """Poll until the requeued job has ended its `restarts`-th restart."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.job_state(job_id)
+        if state.get("Restarts") == str(restarts) and state.get("JobState") in TERMINAL:
+            return state
+        time.sleep(0.25)
+    pytest.fail(failure(cluster, job_id, log, f"job {job_id} did not end its restart {restarts} in {timeout:.0f} s"))
+
+
+@pytest.mark.slurm
+def test_a_plain_job_logs_to_job_name_job_id_also_when_requeued(slurm_cluster):
+    """slurm/cifar.sh's --output is logs/%x-%A_%a.out, which Slurm writes as <job id>_4294967294 for a job that is
+    not an array task: the job renames its log to logs/<job name>-<job id>.out. Requeued (Slurm opens a fresh
+    <job id>_4294967294 file), the second run's lines follow the first's in that one file. The job fails at
+    once (a mistake in its flags): its one line is in the log once per run."""
+    cluster, name = slurm_cluster, f"dtrain-plain{os.getpid()}"
+    line = "error: --sweep-index 5 is past the end of the sweep: it has 2 combinations (0..1); submit with --array=0-1"
+    r = cluster.run(["sbatch", "--parsable", "--job-name", name, "--nodes", "1", "slurm/cifar.sh", "--arch", "cnn",
+                     "--sweep", "seed=0,1", "--sweep-index", "5"], cwd=REPO, env=job_env(cluster))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    log = REPO / "logs" / f"{name}-{job_id}.out"
+    try:
+        state = wait_job(cluster, job_id, log)
+        assert state["JobState"] == "FAILED", state
+        assert job_logs(name) == [log.name] and read(log).count(line) == 1, (job_logs(name), read(log))
+        r = cluster.run(["scontrol", "requeue", job_id])
+        assert r.returncode == 0, r.stderr
+        wait_restarted(cluster, job_id, log, restarts=1)
+        assert job_logs(name) == [log.name] and read(log).count(line) == 2, (job_logs(name), read(log))
+    finally:
+        for stray in (REPO / "logs").glob(f"{name}-*"):
+            stray.unlink()
+
+
+@pytest.mark.slurm
+def test_the_arrays_sweep_list_prints_are_ones_sbatch_accepts(slurm_cluster, tmp_path):
+    """--sweep-list's --array lines on the cluster's default MaxArraySize (1001): one array for 1,001
+    combinations, three chunks for 2,500, each accepted by `sbatch --test-only`; one array of all 2,500, which
+    the note reserves for a larger MaxArraySize, is refused."""
+    from dtrain.sweep import listing
+    r = slurm_cluster.run(["scontrol", "show", "config"])
+    assert re.search(r"^MaxArraySize\s*=\s*1001$", r.stdout, re.M), r.stdout
+
+    def arrays(size: int) -> list[str]:
+        text = listing(["seed=" + ",".join(map(str, range(size)))]).splitlines()[size:]
+        return [m.group(1) for line in text for m in re.finditer(r"sbatch (--array=\S+)", line)]
+
+    def accepted(array: str) -> bool:
+        r = slurm_cluster.run(["sbatch", "--test-only", array, "--nodes", "1", "--output", str(tmp_path / "x.out"),
+                               "slurm/cifar.sh", "--arch", "cnn"], cwd=REPO, env=job_env(slurm_cluster))
+        return r.returncode == 0
+    assert arrays(1001) == ["--array=0-1000"] and accepted("--array=0-1000")
+    *chunks, all_at_once = arrays(2500)
+    assert chunks == ["--array=0-999", "--array=0-999", "--array=0-499"] and all(map(accepted, chunks))
+    assert all_at_once == "--array=0-2499" and not accepted(all_at_once)
 
 
 # Sweeps: small runs (12 steps per epoch), all tasks at once (1 CPU per task: 8 tasks per node).

@@ -137,8 +137,12 @@ def test_hand_edited_files_are_reported_apart_not_a_crash(real_run, tmp_path):
     r = summarize([tmp_path / "runs"], tmp_path / "out")
     assert r.returncode == 0, r.stderr
     rows = read_csv(tmp_path / "out" / "summary.csv")
-    assert sum(int(row["n"]) for row in rows) == 1 and sum(int(row["not_finished"]) for row in rows) == 3
-    assert r.stdout.count("unreadable") == 3 and "line 2 is not JSON" in r.stdout
+    assert sum(int(row["n"]) for row in rows) == 1 and sum(int(row["unreadable"]) for row in rows) == 3
+    assert sum(int(row["not_finished"]) for row in rows) == 0
+    listed = [line for line in r.stdout.splitlines() if line.startswith("unreadable: ")]
+    assert len(listed) == 3 and "line 2 is not JSON" in r.stdout, r.stdout
+    assert "config.json: epochs is 'x', not a whole number" in r.stdout
+    assert "metrics.jsonl line 2: epoch is None, not a whole number" in r.stdout
 
 
 def test_errors_are_one_line(tmp_path):
@@ -155,3 +159,128 @@ def test_an_unwritable_out_is_one_line(real_run, tmp_path):
     r = summarize([real_run[0]], tmp_path / "file" / "out")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file, not a folder" in r.stderr
     assert r.stderr.rstrip().endswith("pass --out DIR with a writable folder")
+
+
+def test_nan_and_infinity_in_metrics_make_a_run_unreadable_listed_apart_not_averaged(real_run, tmp_path):
+    """metrics.jsonl is strict JSON from dtrain (null for a non-finite figure); a hand-edited or foreign file can
+    hold NaN or Infinity, which Python's json reads: such a run is unreadable, never a finished run of the mean."""
+    runs = tmp_path / "runs"
+    for seed, final in ((0, 0.6), (1, 0.7)):
+        make_run(runs, f"good{seed}", real_run, [0.3, final], seed=seed)
+    nan = make_run(runs, "nan", real_run, [0.3, 0.9], seed=2)
+    inf = make_run(runs, "inf", real_run, [0.3, 0.8], seed=3)
+    edits = ((nan, '"val_acc": 0.9', '"val_acc": NaN'), (inf, '"epoch_seconds": ', '"epoch_seconds": -Infinity, "x": '))
+    for d, old, new in edits:
+        text = (d / "metrics.jsonl").read_text()
+        assert old in text
+        (d / "metrics.jsonl").write_text(text.replace(old, new))
+    r = summarize([runs], tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    row = read_csv(tmp_path / "out" / "summary.csv")[0]
+    assert int(row["n"]) == 2 and float(row["final_acc_mean"]) == pytest.approx(0.65)
+    assert int(row["unreadable"]) == 2 and int(row["not_finished"]) == 0
+    assert float(row["train_seconds_mean"]) == pytest.approx(2 * real_run[2][-1]["epoch_seconds"])
+    listed = [line for line in r.stdout.splitlines() if line.startswith("unreadable: ")]
+    assert len(listed) == 2 and "not finished:" not in r.stdout, r.stdout
+    assert f"{nan}/metrics.jsonl line 2: val_acc is nan" in r.stdout and f"{inf}/metrics.jsonl line 1: epoch_seconds " \
+                                                                         f"is -inf" in r.stdout, r.stdout
+    assert "nan%" not in r.stdout.lower()
+
+
+def test_a_config_json_not_utf8_or_not_json_is_listed_as_skipped_with_its_reason_never_dropped(real_run, tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, "good", real_run, [0.3, 0.4])
+    latin1 = make_run(runs, "latin1", real_run, [0.3, 0.5])
+    text = (latin1 / "config.json").read_text().replace('"wandb_notes": null', '"wandb_notes": "caf\u00e9"')
+    (latin1 / "config.json").write_bytes(text.encode("latin-1"))                      # a real non-UTF-8 file
+    cut = make_run(runs, "cut", real_run, [0.3, 0.6])
+    (cut / "config.json").write_text((cut / "config.json").read_text()[:40])
+    r = summarize([runs], tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert [int(row["n"]) for row in rows] == [1]
+    skipped = {line.split(": ")[1]: line for line in r.stdout.splitlines() if line.startswith("skipped: ")}
+    assert set(skipped) == {f"{latin1}/config.json", f"{cut}/config.json"}, r.stdout
+    assert ": not UTF-8 (byte " in skipped[f"{latin1}/config.json"] and ": not JSON (" in skipped[f"{cut}/config.json"]
+    assert all(line.endswith("repair it, or move the folder out of the paths") for line in skipped.values())
+    assert "dtrain summarize: 3 runs (1 finished, 2 skipped) in 1 group\n" in r.stdout
+    r = summarize([latin1], tmp_path / "out2")                                         # named itself, alone
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not UTF-8" in r.stderr, r.stderr
+    assert r.stderr.startswith(f"error: no run to summarize: {latin1}/config.json: not UTF-8")
+
+
+def _recipe_settings(recipe: str, **changes) -> dict:
+    from dtrain.settings import build_config
+    return {**build_config(["--recipe", recipe]).to_dict(), **changes}
+
+
+def test_unlike_runs_show_only_the_settings_that_separate_them_and_a_plot_with_its_legend_outside(real_run, tmp_path):
+    """30 groups of unlike runs (every shipped recipe: archs, datasets, schedules; three learning rates each): the
+    table names each group by the few settings that separate them (short names, a legend below), fits the
+    console, and summary.csv keeps every setting that differs; the plot's legend is outside the axes, inside the
+    figure, and matplotlib says nothing on the console."""
+    from dtrain.config import list_recipes
+    runs = tmp_path / "runs"
+    recipes = list_recipes()
+    assert len(recipes) == 10
+    for recipe in recipes:
+        for factor in (0.5, 1, 2):
+            settings = _recipe_settings(recipe)
+            settings["lr"] *= factor
+            epochs = settings.pop("epochs")
+            accs = [min(0.95, factor / 4 + e / epochs / 2) for e in range(1, epochs + 1)]
+            make_run(runs, f"{recipe}-{factor}", real_run, accs, epochs=epochs, **settings)
+    r = subprocess.run([sys.executable, "-m", "dtrain.summarize", str(runs), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env(COLUMNS=120), cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert len(rows) == 30 and len({row["group"] for row in rows}) == 30
+    lines = r.stdout.splitlines()
+    header = lines[1].split()
+    shown = header[:header.index("n")]
+    assert 1 <= len(shown) <= 3, lines[1]
+    assert all(len(line) <= 120 for line in lines[:33]) and "\u2026" not in r.stdout, r.stdout
+    differing = [c for c in rows[0] if c not in summarize_columns(rows[0])]
+    assert len(differing) > 10 and "lr" in differing                        # the CSV keeps every differing setting
+    assert all(name in differing for name in shown) or any(line.startswith("settings: ") for line in lines)
+    others = [line for line in lines if line.startswith("also differ")]
+    assert len(others) == 1 and "summary.csv" in others[0]
+
+    import warnings
+
+    from dtrain import summarize as module
+    groups = module.group_runs([module.read_run(p) for p in sorted(runs.iterdir())])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = module.draw(groups)
+        fig.canvas.draw()
+    (ax,), legend = fig.axes, fig.legends[0] if fig.legends else fig.axes[0].get_legend()
+    box, axes_box, fig_box = legend.get_window_extent(), ax.get_window_extent(), fig.bbox
+    assert not box.overlaps(axes_box), (box, axes_box)
+    assert fig_box.x0 <= box.x0 and box.x1 <= fig_box.x1 and fig_box.y0 <= box.y0 and box.y1 <= fig_box.y1
+    assert axes_box.height > 150 and axes_box.width > 300                 # the axes keep their room
+    assert len(legend.get_texts()) == 30 and min(t.get_fontsize() for t in legend.get_texts()) >= 7
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in ax.lines}
+    assert len(styles) == 30                                              # each group tells apart
+
+
+def summarize_columns(row: dict) -> list[str]:
+    from dtrain.summarize import CSV_COLUMNS, TOP5_COLUMNS
+    return [c for c in row if c in CSV_COLUMNS or c in TOP5_COLUMNS or c == "unreadable"]
+
+
+def test_a_grid_of_long_setting_names_has_short_titles_and_their_legend(real_run, tmp_path):
+    for smoothing in (0.0, 0.1):
+        for decay in (5e-4, 1e-3):
+            make_run(tmp_path / "runs", f"ls{smoothing}-wd{decay}", real_run, [0.3, 0.4 + smoothing + decay],
+                     label_smoothing=smoothing, weight_decay=decay, batch_size=32)
+    r = summarize([tmp_path / "runs"], tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split()[:3] == ["wd", "ls", "n"], r.stdout                     # in the order of the flags
+    assert "settings: wd = --weight-decay, ls = --label-smoothing" in lines, r.stdout
+    assert not any(line.startswith("also differ") for line in lines)
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert [row["group"] for row in rows][:2] == ["weight_decay=0.0005 label_smoothing=0.0",
+                                                  "weight_decay=0.0005 label_smoothing=0.1"]
+    assert {"label_smoothing", "weight_decay"} <= set(rows[0]) and "batch_size" not in rows[0]

@@ -78,7 +78,6 @@ def test_recipes_can_be_swept(tmp_path):
     (["--sweep", "lr", "--sweep-index", "0"], "write KEY=V1,V2"),
     (["--sweep", "seed=0,1", "--sweep", "seed=2", "--sweep-index", "0"], "seed is swept twice"),
     (["--sweep", "seed=0,1", "--sweep-index", "2"], "--sweep-index 2 is past the end of the sweep"),
-    (["--sweep", "seed=0,1", "--sweep-index", "-1"], "past the end"),
     (["--sweep", "seed=0,1"], "--sweep-index N"),
     (["--sweep-index", "0"], "--sweep-index needs a grid"),
     (["--sweep", "seed=0,1", "--sweep-index", "0", "--seed", "3"], "--seed is given and also swept"),
@@ -110,3 +109,88 @@ def test_a_sweep_run_trains_its_combination_into_its_folder_and_re_runs_from_its
     dropped = ("recipe", "output_dir", "resume", "sweep", "sweep_index")
     assert {k: v for k, v in again.items() if k not in dropped} == {k: v for k, v in saved.items() if k not in dropped}
     assert again["sweep"] == [] and again["sweep_index"] is None and again["output_dir"] is None
+
+
+@pytest.mark.parametrize("spec, named", [
+    ("lr=0.1,0.10", "0.1 and 0.10"),
+    ("lr=0.05,1e-1,0.1", "1e-1 and 0.1"),
+    ("hflip=true,1", "true and 1"),
+    ("grad-clip=none,null", "none and null"),
+    ("seed=3,03", "3 and 03"),
+])
+def test_sweep_values_equal_after_parsing_are_refused_naming_them(spec, named):
+    """Two spellings of one value would be two combinations of one run, outside Slurm one folder (the second told
+    to --resume auto the first's run)."""
+    key = spec.partition("=")[0].replace("-", "_")
+    for argv in (["--sweep-index", "0"], ["--sweep-index", "1"]):
+        with pytest.raises(UserError) as e:
+            build_config(["--arch", "cnn", "--sweep", spec, *argv])
+        assert f"{named} are the same {key} (" in str(e.value) and str(e.value).endswith("give each value once")
+    with pytest.raises(UserError, match=re.escape(named)):
+        listing(["seed=0,1", spec])
+
+
+def test_a_sweep_argv_with_one_value_twice_ends_in_one_line_before_anything_runs(tmp_path):
+    args = ["--arch", "cnn", "--dataset", "fake", "--epochs", "1", "--no-wandb", "--sweep", "lr=0.1,0.10"]
+    for extra in (["--sweep-list"], ["--sweep-index", "1"]):
+        r = launch(MAIN, [*args, *extra], cwd=tmp_path, check=False)
+        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        assert r.stderr == "error: --sweep 'lr=0.1,0.10': 0.1 and 0.10 are the same lr (0.1); give each value once\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_values_that_would_name_one_folder_are_refused(tmp_path):
+    for name in ("a-b.toml", "a/b.toml"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("epochs = 1\n")
+    with pytest.raises(UserError, match="a-b.toml and .*a/b.toml would write one output folder"):
+        build_config(["--arch", "cnn", "--sweep", f"recipe={tmp_path / 'a-b.toml'},{tmp_path / 'a/b.toml'}",
+                      "--sweep-index", "0"])
+
+
+def test_a_negative_sweep_index_says_the_combinations_are_numbered_from_0():
+    with pytest.raises(UserError) as e:
+        build_config(["--arch", "cnn", "--sweep", "seed=0,1,2", "--sweep-index", "-1"])
+    assert "past the end" not in str(e.value)
+    assert str(e.value) == ("--sweep-index -1 is negative: the 3 combinations are numbered 0..2; "
+                            "pass one of them (--sweep-list shows them)")
+
+
+@pytest.mark.parametrize("task", ["3a", "-1", " 2", "1.0", "0x2"])
+def test_a_slurm_array_task_id_that_is_not_an_index_is_named_in_the_message(monkeypatch, task):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+    with pytest.raises(UserError) as e:
+        build_config(["--arch", "cnn", "--sweep", "seed=0,1,2"])
+    assert str(e.value) == (f"$SLURM_ARRAY_TASK_ID is {task!r}, not an array task index (a whole number from 0): "
+                            f"submit with sbatch --array=0-2, or pass --sweep-index N (0..2)")
+    c = build_config(["--arch", "cnn", "--sweep", "seed=0,1,2", "--sweep-index", "1"])  # given: the variable unused
+    assert (c.sweep_index, c.seed) == (1, 1)
+
+
+def test_sweep_list_of_max_array_size_combinations_is_one_array():
+    last = listing(["seed=" + ",".join(map(str, range(1001)))]).splitlines()[-1]
+    assert last.startswith("1001 combinations; submit them with: sbatch --array=0-1000 ...")
+
+
+def test_sweep_list_above_max_array_size_gives_chunks_within_it_and_each_chunk_runs_its_combinations(monkeypatch):
+    """Slurm's default MaxArraySize (1001) allows array indices 0..1000 in one sbatch: 2,500 combinations go in
+    chunks of 1000 tasks, each with its --sweep-offset; task T of a chunk is combination offset + T."""
+    spec = ["seed=" + ",".join(map(str, range(2500)))]
+    tail = listing(spec).splitlines()[2500:]
+    assert tail[0] == ("2500 combinations: more than one Slurm array may hold (MaxArraySize, 1001 by default, allows "
+                       "indices 0..1000 in one sbatch); submit them in 3 chunks:")
+    assert tail[1:4] == ["  sbatch --array=0-999 ... --sweep-offset 0",
+                         "  sbatch --array=0-999 ... --sweep-offset 1000",
+                         "  sbatch --array=0-499 ... --sweep-offset 2000"]
+    assert "--array=0-2499" in tail[4] and "MaxArraySize" in tail[4]
+    argv = ["--arch", "cnn", "--sweep", spec[0]]
+    for offset, task, seed in ((0, 0, 0), (1000, 999, 1999), (2000, 499, 2499)):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        c = build_config([*argv, "--sweep-offset", str(offset)])
+        assert (c.sweep_index, c.seed, c.sweep_offset) == (seed, seed, offset)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "500")
+    with pytest.raises(UserError, match=re.escape("--sweep-index 2500 (array task 500 + --sweep-offset 2000) is past "
+                                                  "the end of the sweep: it has 2500 combinations (0..2499)")):
+        build_config([*argv, "--sweep-offset", "2000"])
+    with pytest.raises(UserError, match="--sweep-offset applies to Slurm array tasks"):
+        build_config([*argv, "--sweep-offset", "1000", "--sweep-index", "3"])

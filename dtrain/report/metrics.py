@@ -26,16 +26,21 @@ def json_line(row: dict) -> str:
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of metrics.jsonl. A torn last line (a kill during an append) is left out; any other line
     that is not JSON is a UserError naming the file and line."""
+    return [row for _, row in read_numbered_metrics(path)]
+
+
+def read_numbered_metrics(path: str | Path) -> list[tuple[int, dict]]:
+    """read_metrics' rows, each with its line number in the file (from 1), for messages that name the line."""
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text(errors="replace").splitlines()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError:
             if number == len(lines):
                 break
