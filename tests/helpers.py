@@ -7,7 +7,11 @@ import pickle
 import signal
 import subprocess
 import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -182,20 +186,33 @@ def children(pid: int) -> list[int]:
     return sorted(kids)
 
 
-def cli_error(argv, capsys) -> str:
-    """The one line that dtrain.main.main (in this process) prints for a refused run: it exits 2 with no
-    traceback."""
-    import pytest
-    from dtrain.main import main
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
+# ---- the fast tier: runs in this process ------------------------------------------------------------------
+
+def tiny_run(out=None, *more, dataset: str | None = None, data=None, size: int = 64, batch: int = 32,
+             arch: str = "cnn") -> list[str]:
+    """The command line of a tiny training run: `arch` on `size` generated training images (--dataset fake,
+    a quarter as many to validate on) or, given `data`, on that folder in the `dataset` format (default
+    cifar10, no download); global batch `batch`, no DataLoader workers, no W&B, no run picture; into `out`
+    (None: the default folder). `more` comes last, so a flag there overrides these."""
+    args = ["--arch", arch, "--batch-size", str(batch), "--workers", "0", "--no-wandb", "--no-plots"]
+    if data is None:
+        args += ["--dataset", dataset or "fake", "--fake-size", str(size)]
+    else:
+        args += ["--dataset", dataset or "cifar10", "--data-dir", str(data), "--no-download"]
+    if out is not None:
+        args += ["--output-dir", str(out)]
+    return [*args, *map(str, more)]
+
+
+@dataclass
+class Ran:
+    """A command run in this process, reported as a finished process is (subprocess.CompletedProcess's
+    fields), plus what its `run(argv)` returned (None when it ended with an error)."""
+    args: list
+    returncode: int
+    stdout: str
+    stderr: str
+    result: Any = None
 
 
 def reset_accelerate() -> None:
@@ -205,17 +222,126 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def train_here(args: list, **patches):
-    """dtrain.main.run in this process (no interpreter start): the summary it returns. `patches`
-    replace names in dtrain.main for the run (e.g. make_accelerator=...)."""
-    import dtrain.main
-    saved = {name: getattr(dtrain.main, name) for name in patches}
+# a fresh interpreter's warning filters (python -W none of them): what a run on the command line shows
+FRESH_WARNING_FILTERS = [("default", None, DeprecationWarning, "__main__", 0),
+                         ("ignore", None, DeprecationWarning, None, 0),
+                         ("ignore", None, PendingDeprecationWarning, None, 0),
+                         ("ignore", None, ImportWarning, None, 0),
+                         ("ignore", None, ResourceWarning, None, 0)]
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextmanager
+def process_state_kept():
+    """A block that may run a command in this process, and after which this process is as before: the
+    process-wide state a run sets up (accelerate's AcceleratorState, GradientState and PartialState) is
+    reset before and after; torch's default random generator, its thread count, the stop-signal handlers,
+    os.environ, sys.argv and the warning filters are put back; the block shows warnings as a fresh
+    interpreter does (on sys.stderr)."""
+    import torch
+    from dtrain.signals import SIGNALS
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    environ, argv = dict(os.environ), list(sys.argv)
     reset_accelerate()
     try:
-        for name, value in patches.items():
-            setattr(dtrain.main, name, value)
-        return dtrain.main.run(["--no-wandb", "--no-plots", *map(str, args)])
+        with warnings.catch_warnings():
+            warnings.filters[:] = FRESH_WARNING_FILTERS
+            warnings.showwarning = _print_warning
+            yield
     finally:
-        for name, value in saved.items():
-            setattr(dtrain.main, name, value)
         reset_accelerate()
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.argv[:] = argv
+
+
+def run_here(module: str, argv: list, status: int | None = 0, extra_env: dict | None = None, **patches) -> Ran:
+    """`python dtrain/<module>.py ARGV` (module "main" or "predict") in this process, through the command
+    line's own entry point: dtrain.<module>.main(argv), which ends a UserError with one `error:` line and
+    exit status 2, a divergence with 3, a lost peer with 4. Its stdout and stderr are captured; the process
+    is put back as it was (process_state_kept). It runs as `launch` starts a process: one torch thread, W&B
+    off, `extra_env` over that (a value None unsets the variable). `patches` replace names in the module for
+    the run (e.g. make_accelerator=...).
+
+    An exception that escapes main ends the run as it would end the interpreter: status 1, its traceback on
+    stderr. A status other than `status` fails the test, showing stderr (status None: any non-zero one)."""
+    import importlib
+    import io
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import torch
+    mod = importlib.import_module(f"dtrain.{module}")
+    argv = [str(a) for a in argv]
+    returned, run = [], mod.run
+
+    def recorded_run(args):  # main calls the module's `run`: this one keeps what it returns
+        returned.append(run(args))
+        return returned[-1]
+
+    saved = {name: getattr(mod, name) for name in [*patches, "run"]}
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with process_state_kept():
+        os.environ.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"})
+        for k, v in (extra_env or {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        torch.set_num_threads(1)
+        sys.argv[:] = [str(REPO / "dtrain" / f"{module}.py"), *argv]
+        try:
+            for name, value in {**patches, "run": recorded_run}.items():
+                setattr(mod, name, value)
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    mod.main(argv)
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                    if not isinstance(e.code, (int, type(None))):
+                        print(e.code, file=sys.stderr)
+                except Exception:
+                    code = 1
+                    traceback.print_exc()
+        finally:
+            for name, value in saved.items():
+                setattr(mod, name, value)
+    r = Ran([module, *argv], code, out.getvalue(), err.getvalue(), returned[0] if returned and code == 0 else None)
+    if code != status and not (status is None and code != 0):
+        raise AssertionError(f"dtrain.{module}.main({' '.join(argv)}) exited {code}, not "
+                             f"{'non-zero' if status is None else status}\n--- stdout\n{r.stdout[-4000:]}\n"
+                             f"--- stderr\n{r.stderr[-6000:]}")
+    return r
+
+
+def train_here(args: list, status: int | None = 0, extra_env: dict | None = None, **patches) -> Ran:
+    """`train(args)` run in this process (run_here): python dtrain/main.py --no-wandb --no-plots ARGS.
+    `.result` is the summary dtrain.main.run returned."""
+    return run_here("main", ["--no-wandb", "--no-plots", *args], status, extra_env, **patches)
+
+
+def predict_here(args: list, status: int | None = 0, extra_env: dict | None = None, **patches) -> Ran:
+    """`launch(PREDICT, args)` run in this process (run_here): python dtrain/predict.py ARGS."""
+    return run_here("predict", args, status, extra_env, **patches)
+
+
+def cli_error(argv) -> str:
+    """The one line that a refused training run prints (run in this process): it exits 2, with no traceback
+    and nothing else on stderr."""
+    r = run_here("main", argv, status=2)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]

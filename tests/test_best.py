@@ -5,16 +5,11 @@ import shutil
 import pytest
 import torch
 
-from helpers import train
-
-RUN = ["--arch", "cnn", "--data-dir", None, "--no-download", "--batch-size", "40", "--workers", "0",
-       "--lr", "0.05", "--seed", "0"]
+from helpers import tiny_run, train_here
 
 
-def run_args(cifar_dir, *more):
-    args = list(RUN)
-    args[3] = str(cifar_dir)
-    return [*args, *more]
+def run_args(cifar_dir, out, *more):
+    return tiny_run(out, "--lr", "0.05", "--seed", "0", *more, data=cifar_dir, batch=40)
 
 
 def load(path):
@@ -31,15 +26,15 @@ def assert_best_matches(out):
 @pytest.mark.slow
 def test_a_kill_between_last_and_best_is_repaired_at_resume(cifar_dir, tmp_path):
     out = tmp_path / "run"
-    train(run_args(cifar_dir, "--epochs", "1", "--output-dir", out))
+    train_here(run_args(cifar_dir, out, "--epochs", "1"))
     epoch1 = tmp_path / "epoch1-best.pt"
     shutil.copy(out / "best.pt", epoch1)
-    train(run_args(cifar_dir, "--epochs", "2", "--resume", "auto", "--output-dir", out))
+    train_here(run_args(cifar_dir, out, "--epochs", "2", "--resume", "auto"))
     last = load(out / "last.pt")
     assert last["best_step"] == last["step"] == 10, "epoch 2 must be the best for this scenario"
     # the state a kill -9 after last.pt's write and before best.pt's copy leaves: best.pt still epoch 1's
     shutil.copy(epoch1, out / "best.pt")
-    r = train(run_args(cifar_dir, "--epochs", "2", "--resume", "auto", "--output-dir", out))
+    r = train_here(run_args(cifar_dir, out, "--epochs", "2", "--resume", "auto"))
     assert f"{out / 'best.pt'} was older than the best state" in r.stdout, r.stdout
     _, best = assert_best_matches(out)
     assert best["step"] == 10
@@ -47,13 +42,13 @@ def test_a_kill_between_last_and_best_is_repaired_at_resume(cifar_dir, tmp_path)
         assert torch.equal(best["model"][k], v), k
     # in sync now: a further resume leaves best.pt alone
     before = (out / "best.pt").stat().st_mtime_ns
-    r = train(run_args(cifar_dir, "--epochs", "2", "--resume", "auto", "--output-dir", out))
+    r = train_here(run_args(cifar_dir, out, "--epochs", "2", "--resume", "auto"))
     assert "was older" not in r.stdout and (out / "best.pt").stat().st_mtime_ns == before
 
 
 def test_a_missing_best_pt_is_rewritten_when_last_pt_is_the_best(cifar_dir, tmp_path):
     out = tmp_path / "run"
-    train(run_args(cifar_dir, "--epochs", "1", "--output-dir", out))
+    train_here(run_args(cifar_dir, out, "--epochs", "1"))
     (out / "best.pt").unlink()                       # the kill came before best.pt's first copy
-    train(run_args(cifar_dir, "--epochs", "1", "--resume", "auto", "--output-dir", out))
+    train_here(run_args(cifar_dir, out, "--epochs", "1", "--resume", "auto"))
     assert_best_matches(out)

@@ -17,10 +17,13 @@ from dtrain.data import cifar, load_dataset, stats
 from dtrain.inference import top_k_accuracy
 from dtrain.errors import UserError
 from dtrain.models import build_model, list_archs
-from helpers import REPO, env, launch, metrics, train, write_cifar100, write_python2_pickles
+from helpers import REPO, env, metrics, predict_here, run_here, tiny_run, train, train_here, write_cifar100, \
+    write_python2_pickles
 
-BASE = ["--arch", "cnn", "--dataset", "cifar100", "--no-download", "--batch-size", "50", "--epochs", "1",
-        "--workers", "0"]
+
+def base(data, out, *more):
+    """One epoch of the tiny run on the CIFAR-100 folder `data`."""
+    return tiny_run(out, "--epochs", "1", *more, dataset="cifar100", data=data, batch=50)
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +105,10 @@ def test_missing_meta_and_labels_out_of_range_are_clear_errors(tmp_path):
         cifar.read(root, cifar.CIFAR100)
 
 
-def test_coarse_labels_on_another_dataset_and_unknown_kinds_are_refused(capsys):
-    from dtrain.main import main
+def test_coarse_labels_on_another_dataset_and_unknown_kinds_are_refused():
     for flags, message in ((["--cifar100-labels", "coarse"], "--cifar100-labels coarse needs --dataset cifar100"),
                            (["--dataset", "cifar100", "--cifar100-labels", "super"], "invalid choice: 'super'")):
-        with pytest.raises(SystemExit) as e:
-            main(["--arch", "cnn", *flags])
-        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert message in run_here("main", ["--arch", "cnn", *flags], status=2).stderr
 
 
 def test_absent_without_download_names_the_files(tmp_path):
@@ -150,8 +150,7 @@ def test_top_k_accuracy_counts_ranks_and_never_falls_below_top1():
 
 
 def test_the_cifar100_recipe_is_listed_and_resolves():
-    r = subprocess.run([sys.executable, "dtrain/main.py", "--list-recipes"], capture_output=True, text=True,
-                       cwd=REPO, env=env(), timeout=120)
+    r = run_here("main", ["--list-recipes"])
     assert r.returncode == 0 and "cifar100-resnet18" in r.stdout.split()
     c = build_config(["--recipe", "cifar100-resnet18"])
     assert (c.arch, c.dataset, c.cifar100_labels, c.scheduler, c.milestones) == \
@@ -178,8 +177,8 @@ def hits(out, root, kind) -> tuple[int, int, int]:
 def test_trains_and_reports_top5_everywhere(c100, tmp_path):
     out = tmp_path / "run"
     extra = ["--plots", "--wandb"] + (["--tensorboard"] if importlib.util.find_spec("tensorboard") else [])
-    r = train([*BASE, "--data-dir", c100, "--output-dir", out, *extra], timeout=300,
-              extra_env={"WANDB_MODE": "offline", "HOME": tmp_path / "home"})
+    # a real process: W&B's process-wide set-up reads HOME and WANDB_MODE once and starts a service process
+    r = train(base(c100, out, *extra), timeout=300, extra_env={"WANDB_MODE": "offline", "HOME": tmp_path / "home"})
     row = metrics(out)[-1]
     assert 0.0 <= row["val_acc"] <= row["val_top5"] <= 1.0
     ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -211,8 +210,7 @@ def test_coarse_labels_on_two_processes_count_each_image_once(tmp_path):
     """20 superclasses, 101 test images split over 2 processes: top-5 counts each image once."""
     root = write_cifar100(tmp_path / "data", n_train=200, n_test=101)
     out = tmp_path / "run"
-    train([*BASE, "--data-dir", root, "--output-dir", out, "--cifar100-labels", "coarse", "--max-steps", "2"],
-          nproc=2)
+    train(base(root, out, "--cifar100-labels", "coarse", "--max-steps", "2"), nproc=2)
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["num_classes"] == 20 and ckpt["classes"][:2] == ["coarse0", "coarse1"]
     assert ckpt["model"]["fc.weight"].shape[0] == 20
@@ -221,18 +219,15 @@ def test_coarse_labels_on_two_processes_count_each_image_once(tmp_path):
     assert row["val_samples"] == n == 101
     assert round(row["val_acc"] * n) == top1 and round(row["val_top5"] * n) == top5 and top5 >= top1
     # predict scores the same checkpoint on the same split: the same top-1 accuracy
-    p = launch(str(REPO / "dtrain" / "predict.py"), ["--checkpoint", out / "last.pt", "--dataset", "cifar100",
-                                                      "--data-dir", root, "--split", "test",
-                                                      "--output", tmp_path / "pred.csv"])
+    p = predict_here(["--checkpoint", out / "last.pt", "--dataset", "cifar100", "--data-dir", root, "--split", "test",
+                      "--output", tmp_path / "pred.csv"])
     assert f"{top1 / n:.2%}" in p.stdout + p.stderr
 
 
 def test_ten_classes_have_top5_and_five_or_fewer_have_null(cifar_dir, tmp_path):
-    train(["--arch", "cnn", "--data-dir", cifar_dir, "--no-download", "--batch-size", "50", "--epochs", "1",
-           "--max-steps", "1", "--workers", "0", "--output-dir", tmp_path / "c10"])
+    train_here(tiny_run(tmp_path / "c10", "--epochs", "1", "--max-steps", "1", data=cifar_dir, batch=50))
     assert metrics(tmp_path / "c10")[-1]["val_top5"] is not None
-    r = train(["--arch", "cnn", "--dataset", "fake", "--num-classes", "5", "--fake-size", "64", "--batch-size", "32",
-               "--epochs", "1", "--output-dir", tmp_path / "five"])
+    r = train_here(tiny_run(tmp_path / "five", "--num-classes", "5", "--epochs", "1"))
     text = (tmp_path / "five" / "metrics.jsonl").read_text()
     assert '"val_top5": null' in text and json.loads(text)["val_acc"] is not None
     assert "val_top5" not in r.stdout and "val_acc" in r.stdout

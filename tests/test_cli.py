@@ -9,10 +9,9 @@ from PIL import Image
 
 from dtrain import cli
 from dtrain.checkpoint import load_checkpoint
-from helpers import REPO, env, free_port, launch, metrics
+from helpers import REPO, env, free_port, launch, metrics, tiny_run
 
-FAKE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "32", "--batch-size", "16", "--epochs", "1",
-        "--workers", "0", "--no-wandb", "--no-plots"]
+FAKE = tiny_run(None, "--epochs", "1", size=32, batch=16)
 
 
 def run(cmd, timeout=300):

@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from dtrain.errors import EXIT_DIVERGED
-from helpers import train
+from helpers import tiny_run, train, train_here
 
-# epoch 1 trains at lr 0.01; the multistep schedule then multiplies it by 1e12: epoch 2 diverges
-RUN = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--workers", "0",
-       "--log-every", "1", "--epochs", "3", "--lr", "0.01", "--scheduler", "multistep", "--milestones", "1",
-       "--gamma", "1e12"]
+
+def diverging(out, *more):
+    """The tiny run (4 steps an epoch) whose epoch 1 trains at lr 0.01 and whose multistep schedule then
+    multiplies the LR by 1e12: epoch 2 diverges."""
+    return tiny_run(out, "--log-every", "1", "--epochs", "3", "--lr", "0.01", "--scheduler", "multistep",
+                    "--milestones", "1", "--gamma", "1e12", *more, batch=16)
+
 ADVICE = "lower --lr, add --grad-clip, or warm up (--warmup-epochs)"
 
 
@@ -37,8 +40,8 @@ def error_lines(r):
 
 
 def diverged_exit(r, nproc):
-    """One process: its exit status; under accelerate launch, that of the first worker to end (the launcher
-    then stops the others), from its report."""
+    """One process (run in this process): its exit status; under accelerate launch, that of the first worker
+    to end (the launcher then stops the others), from its report."""
     if nproc == 1:
         return r.returncode
     root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", r.stderr, re.S)
@@ -48,7 +51,10 @@ def diverged_exit(r, nproc):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_divergence_exits_3_naming_the_step_and_the_last_good_checkpoint(tmp_path, nproc):
     out = tmp_path / "run"
-    r = train([*RUN, "--output-dir", out], nproc=nproc, check=False, timeout=240)
+    if nproc == 1:
+        r = train_here(diverging(out), status=None)
+    else:
+        r = train(diverging(out), nproc=nproc, check=False, timeout=240)
     assert diverged_exit(r, nproc) == EXIT_DIVERGED == 3, r.stdout + r.stderr
     lines = error_lines(r)
     # the same one line from every rank (a launcher may end a rank before its line reaches the pipe)
@@ -66,9 +72,9 @@ def test_divergence_exits_3_naming_the_step_and_the_last_good_checkpoint(tmp_pat
 
 
 def test_divergence_in_the_first_epoch_saves_nothing_and_says_so(tmp_path):
+    """A real process (python dtrain/main.py): exit status 3 as the shell sees it."""
     out = tmp_path / "run"
-    r = train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--workers", "0",
-               "--epochs", "2", "--lr", "1e4", "--output-dir", out], check=False, timeout=240)
+    r = train(tiny_run(out, "--epochs", "2", "--lr", "1e4", batch=16), check=False, timeout=240)
     assert r.returncode == 3, r.stdout + r.stderr
     (line,) = error_lines(r)
     assert re.fullmatch(r"error: the (training loss|weights) became NaN or infinite (at|by) step \d+ \(epoch 1\): "
@@ -80,7 +86,7 @@ def test_divergence_in_the_first_epoch_saves_nothing_and_says_so(tmp_path):
 
 
 def test_a_nan_learning_rate_is_refused_before_training(tmp_path):
-    r = train(["--arch", "cnn", "--dataset", "fake", "--lr", "nan", "--output-dir", tmp_path / "run"], check=False)
+    r = train_here(["--arch", "cnn", "--dataset", "fake", "--lr", "nan", "--output-dir", tmp_path / "run"], status=2)
     assert r.returncode == 2 and "--lr" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
 

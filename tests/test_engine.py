@@ -1,20 +1,16 @@
-"""The engine, through real processes: `accelerate launch --multi_gpu --num_processes N dtrain/main.py`
-starts N CPU processes (gloo) here."""
+"""The engine: one process in this process (dtrain.main.main), and several through real processes:
+`accelerate launch --multi_gpu --num_processes N dtrain/main.py` starts N CPU processes (gloo) here."""
 import pytest
 import torch
 
 from dtrain.checkpoint import load_checkpoint
 from dtrain.models import build_model
-from helpers import launch, metrics, train
-
-TINY = ["--arch", "cnn", "--data-dir", None, "--no-download", "--batch-size", "40", "--eval-batch-size", "64",
-        "--workers", "0", "--log-every", "1"]
+from helpers import launch, metrics, tiny_run, train, train_here
 
 
 def tiny(cifar_dir, *more):
-    args = list(TINY)
-    args[3] = str(cifar_dir)
-    return args + list(more)
+    """The tiny run on the generated CIFAR-10 folder, 5 steps an epoch, every step logged."""
+    return tiny_run(None, "--eval-batch-size", "64", "--log-every", "1", *more, data=cifar_dir, batch=40)
 
 
 def weights(path):
@@ -51,7 +47,7 @@ def test_two_process_run_trains_checkpoints_once_and_resumes(cifar_dir, tmp_path
 def test_one_and_two_processes_end_with_the_same_weights(cifar_dir, tmp_path):
     """Same global batch, no augmentation, no batch statistics: DDP on 2 processes is the 1-process run."""
     args = tiny(cifar_dir, "--norm", "group", "--no-augment", "--epochs", "2", "--lr", "0.05")
-    train(args + ["--output-dir", str(tmp_path / "p1")], nproc=1)
+    train_here(args + ["--output-dir", str(tmp_path / "p1")])
     train(args + ["--output-dir", str(tmp_path / "p2")], nproc=2)
     w1, w2 = weights(tmp_path / "p1" / "last.pt"), weights(tmp_path / "p2" / "last.pt")
     assert_same_weights(w1, w2, atol=1e-5)
@@ -67,7 +63,7 @@ def test_one_and_two_processes_end_with_the_same_weights(cifar_dir, tmp_path):
 def test_gradient_accumulation_equals_the_full_batch(cifar_dir, tmp_path):
     """--grad-accum 2 on 2 processes (10 images per micro-batch) trains like 1 process with batch 40."""
     args = tiny(cifar_dir, "--norm", "group", "--no-augment", "--epochs", "1", "--lr", "0.05")
-    train(args + ["--output-dir", str(tmp_path / "full")])
+    train_here(args + ["--output-dir", str(tmp_path / "full")])
     r = train(args + ["--output-dir", str(tmp_path / "accum"), "--grad-accum", "2"], nproc=2)
     assert "10 per process x 2 accumulation" in r.stdout
     assert_same_weights(weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "accum" / "last.pt"), atol=1e-5)
@@ -76,30 +72,55 @@ def test_gradient_accumulation_equals_the_full_batch(cifar_dir, tmp_path):
 
 def test_googlenet_trains_with_auxiliary_classifiers(tmp_path):
     out = tmp_path / "g"
-    train(["--arch", "googlenet", "--aux-logits", "--dataset", "fake", "--fake-size", "8", "--batch-size", "4",
-           "--eval-batch-size", "4", "--max-steps", "2", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--aux-logits", "--eval-batch-size", "4", "--max-steps", "2", arch="googlenet", size=8,
+                        batch=4))
     ck = load_checkpoint(out / "last.pt")
     assert ck["arch_args"]["aux_logits"] is True and any(k.startswith("aux1") for k in ck["model"])
     assert metrics(out)[-1]["step"] == 2
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3])
-def test_evaluation_counts_every_image_once(tmp_path, nproc):
-    """1,001 validation images on 1, 2 and 3 processes: each counted once, the same accuracy.
+def evaluation_run(out, nproc: int) -> dict:
+    """1,001 validation images, lr 0 and GroupNorm: the model stays the seeded initialisation, identical on any
+    number of processes. The run's last metrics row."""
+    args = tiny_run(out, "--norm", "group", "--lr", "0", "--max-steps", "1", "--eval-batch-size", "250", size=4004,
+                    batch=12)
+    if nproc == 1:
+        train_here(args)
+    else:
+        train(args, nproc=nproc)
+    return metrics(out)[-1]
 
-    lr 0 and GroupNorm: the model stays the seeded initialisation, identical on any number of processes.
-    """
-    out = tmp_path / f"n{nproc}"
-    train(["--arch", "cnn", "--norm", "group", "--dataset", "fake", "--fake-size", "4004", "--lr", "0",
-           "--batch-size", "12", "--max-steps", "1", "--eval-batch-size", "250", "--output-dir", str(out)],
-          nproc=nproc)
-    row = metrics(out)[-1]
+
+@pytest.fixture(scope="module")
+def one_process_evaluation(tmp_path_factory) -> tuple[dict, float, float]:
+    """The 1-process evaluation run's metrics row, and the accuracy and loss of its saved model on the 1,001
+    validation images computed here, in one batch, from the checkpoint and the data."""
+    from dtrain.config import config_from_dict
+    from dtrain.data import load_dataset
+    from dtrain.data.augment import AugmentSpec, Pipeline
+    from dtrain.models import model_from_checkpoint
+    out = tmp_path_factory.mktemp("evaluation") / "n1"
+    row = evaluation_run(out, 1)
+    ckpt = load_checkpoint(out / "last.pt")
+    _, val = load_dataset(config_from_dict(ckpt["config"]))
+    x = Pipeline(AugmentSpec(), ckpt["mean"], ckpt["std"], "cpu")(val.images.permute(0, 3, 1, 2))
+    with torch.no_grad():
+        logits = model_from_checkpoint(ckpt)(x)
+    acc = (logits.argmax(1) == val.labels).float().mean().item()
+    return row, acc, torch.nn.functional.cross_entropy(logits, val.labels).item()
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3])
+def test_evaluation_counts_every_image_once(one_process_evaluation, tmp_path, nproc):
+    """1,001 validation images on 1, 2 and 3 processes: each counted once, the accuracy and loss of the
+    (unchanged, seeded) model on all of them."""
+    first, acc, loss = one_process_evaluation
+    row = first if nproc == 1 else evaluation_run(tmp_path / f"n{nproc}", nproc)
     assert row["val_samples"] == 1001
-    pytest.evaluation_results = getattr(pytest, "evaluation_results", {})
-    pytest.evaluation_results[nproc] = (row["val_acc"], row["val_loss"])
-    first = next(iter(pytest.evaluation_results.values()))
-    assert row["val_acc"] == pytest.approx(first[0], abs=1e-9)
-    assert row["val_loss"] == pytest.approx(first[1], rel=1e-4)
+    assert row["val_acc"] == pytest.approx(acc, abs=1e-9)
+    assert row["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert row["val_acc"] == pytest.approx(first["val_acc"], abs=1e-9)
+    assert row["val_loss"] == pytest.approx(first["val_loss"], rel=1e-4)
 
 
 def test_resume_mid_epoch_matches_an_uninterrupted_run(cifar_dir, tmp_path):
@@ -108,11 +129,11 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(cifar_dir, tmp_path):
     Skipping happens only in the epoch resumed into; augmentation draws are the same after resume.
     """
     args = tiny(cifar_dir, "--epochs", "2", "--scheduler", "none", "--cutout-holes", "1")
-    train(args + ["--output-dir", str(tmp_path / "a")])
-    train(args + ["--output-dir", str(tmp_path / "b"), "--max-steps", "3"])
+    train_here(args + ["--output-dir", str(tmp_path / "a")])
+    train_here(args + ["--output-dir", str(tmp_path / "b"), "--max-steps", "3"])
     ck = load_checkpoint(tmp_path / "b" / "last.pt")
     assert (ck["epoch"], ck["step"], ck["batch_in_epoch"]) == (0, 3, 3)
-    train(args + ["--output-dir", str(tmp_path / "b"), "--resume", "auto"])
+    train_here(args + ["--output-dir", str(tmp_path / "b"), "--resume", "auto"])
     assert_same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"), atol=1e-6)
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [r["epoch"] for r in b] == [1, 2]

@@ -3,40 +3,47 @@ import pytest
 import torch
 
 from dtrain.checkpoint import load_checkpoint, save_checkpoint
-from helpers import train
+from helpers import tiny_run, train, train_here
 
-BASE = ["--arch", "cnn", "--no-download", "--max-steps", "1", "--batch-size", "40", "--workers", "0"]
+
+def base(data, out, *more):
+    """One step of the tiny run on the CIFAR-10 folder `data`."""
+    return tiny_run(out, "--max-steps", "1", *more, data=data, batch=40)
 
 
 def fails(args, nproc=1, **kw):
-    r = train(args, nproc=nproc, check=False, **kw)
+    """stderr of a run that must fail: one process in this process, more through accelerate launch."""
+    if nproc == 1:
+        r = train_here(args, status=None)
+    else:
+        r = train(args, nproc=nproc, check=False, **kw)
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr.split("error:")[0] if nproc == 1 else True
     return r.stderr
 
 
-def test_unknown_arch_lists_the_valid_names(cifar_dir):
-    err = fails(BASE + ["--data-dir", str(cifar_dir), "--arch", "resnet181"])
+def test_unknown_arch_lists_the_valid_names(cifar_dir, tmp_path):
+    err = fails(base(cifar_dir, tmp_path / "run", "--arch", "resnet181"))
     assert "resnet181" in err and "resnet18" in err and "googlenet" in err and "cnn" in err
 
 
 def test_missing_dataset_names_the_path(tmp_path):
-    err = fails(BASE + ["--data-dir", str(tmp_path / "absent")])
+    err = fails(base(tmp_path / "absent", tmp_path / "run"))
     assert str(tmp_path / "absent") in err and "cifar-10-batches-py" in err
 
 
-def test_global_batch_must_divide_over_processes(cifar_dir):
-    err = fails(BASE + ["--data-dir", str(cifar_dir), "--batch-size", "41"], nproc=2)
+def test_global_batch_must_divide_over_processes(cifar_dir, tmp_path):
+    err = fails(base(cifar_dir, tmp_path / "run", "--batch-size", "41"), nproc=2)
     assert "--batch-size 41 is the global batch" in err
 
 
-def test_sync_bn_on_cpu_is_a_clear_error(cifar_dir):
-    err = fails(BASE + ["--data-dir", str(cifar_dir), "--sync-bn"])
+def test_sync_bn_on_cpu_is_a_clear_error(cifar_dir, tmp_path):
+    err = fails(base(cifar_dir, tmp_path / "run", "--sync-bn"))
     assert "--sync-bn needs GPUs" in err and "Traceback" not in err
 
 
 def test_resume_from_bad_files(cifar_dir, tmp_path):
-    args = BASE + ["--data-dir", str(cifar_dir), "--output-dir", str(tmp_path / "o")]
+    args = base(cifar_dir, tmp_path / "o")
     err = fails(args + ["--resume", str(tmp_path / "none.pt")])
     assert "does not exist" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
@@ -45,7 +52,7 @@ def test_resume_from_bad_files(cifar_dir, tmp_path):
     assert "not a dtrain checkpoint" in fails(args + ["--resume", str(tmp_path / "foreign.pt")])
     # a real checkpoint cut short
     good = tmp_path / "good"
-    train(BASE + ["--data-dir", str(cifar_dir), "--output-dir", str(good)])
+    train_here(base(cifar_dir, good))
     data = (good / "last.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     assert "cannot be read" in fails(args + ["--resume", str(tmp_path / "cut.pt")])

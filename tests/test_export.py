@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, env, launch, train, write_cifar
-
-PREDICT = str(REPO / "dtrain" / "predict.py")
+from helpers import REPO, env, predict_here, tiny_run, train_here, write_cifar
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +16,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = write_cifar(root / "data", n_train=96, n_test=40)
     out = root / "run"
-    train(["--arch", "cnn", "--data-dir", str(data), "--no-download", "--epochs", "2", "--batch-size", "32",
-           "--ema", "0.9", "--workers", "0", "--output-dir", str(out)], timeout=300)
+    train_here(tiny_run(out, "--epochs", "2", "--ema", "0.9", data=data))
     return data, out / "best.pt"
 
 
@@ -72,8 +69,8 @@ def test_predict_reads_the_safetensors_like_the_checkpoint(trained, tmp_path):
     model = tmp_path / "model.safetensors"
     assert export(best, "--format", "safetensors", "--output", model).returncode == 0
     for ckpt, name in ((best, "pt.csv"), (model, "st.csv")):
-        launch(PREDICT, ["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", data, "--split", "test",
-                         "--output", tmp_path / name], timeout=300)
+        predict_here(["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", data, "--split", "test",
+                      "--output", tmp_path / name])
     assert (tmp_path / "pt.csv").read_text() == (tmp_path / "st.csv").read_text()
 
 
@@ -110,8 +107,8 @@ def test_onnx_gives_the_top1_of_dtrain_predict_on_real_images(trained, shared_da
     real = tmp_path / "real"
     subprocess.run([sys.executable, str(shared_data / "export.py"), "imagefolder", str(real), "--train", "100",
                     "--test", "60"], check=True, capture_output=True, timeout=300)
-    launch(PREDICT, ["--checkpoint", best, "--dataset", "imagefolder", "--data-dir", real, "--split", "test",
-                     "--output", tmp_path / "predictions.csv", "--no-cache"], timeout=300)
+    predict_here(["--checkpoint", best, "--dataset", "imagefolder", "--data-dir", real, "--split", "test",
+                  "--output", tmp_path / "predictions.csv", "--no-cache"])
     with open(tmp_path / "predictions.csv", newline="") as f:
         predicted = {row["id"]: row["label"] for row in csv.DictReader(f)}
     assert len(predicted) == 60

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from helpers import metrics, train
+from helpers import metrics, tiny_run, train, train_here
 
 from dtrain.settings import build_config
 from dtrain.data import fake
@@ -21,7 +21,6 @@ from dtrain.ema import WeightAverage
 from dtrain.inference import predict_logits, tta_logits
 from dtrain.optim import LRSchedule, OptimSpec, ScheduleSpec, build_optimizer
 
-FAKE = ["--dataset", "fake", "--no-download"]
 
 
 # ---- the GPU-resident loader ------------------------------------------------------------------------
@@ -57,13 +56,12 @@ def test_memory_loader_eval_shards_count_each_image_once():
 
 def test_resumed_run_draws_the_same_augmentations(tmp_path):
     """Stopped after 3 steps (mid-epoch) and resumed to 6 == 6 steps straight, with crop, flip, Cutout on."""
-    common = ["--arch", "cnn", *FAKE, "--fake-size", "160", "-b", "32", "--eval-batch-size", "40", "--epochs", "2",
-              "--crop-padding", "4", "--pad-mode", "reflect", "--cutout-holes", "1", "--cutout-length", "8",
-              "--scheduler", "none", "--lr", "0.05"]
+    common = tiny_run(None, "--eval-batch-size", "40", "--epochs", "2", "--crop-padding", "4", "--pad-mode", "reflect",
+                      "--cutout-holes", "1", "--cutout-length", "8", "--scheduler", "none", "--lr", "0.05", size=160)
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train([*common, "--max-steps", "6", "--output-dir", str(straight)])
-    train([*common, "--max-steps", "3", "--output-dir", str(split)])
-    train([*common, "--max-steps", "6", "--output-dir", str(split), "--resume", "auto"])
+    train_here([*common, "--max-steps", "6", "--output-dir", str(straight)])
+    train_here([*common, "--max-steps", "3", "--output-dir", str(split)])
+    train_here([*common, "--max-steps", "6", "--output-dir", str(split), "--resume", "auto"])
     a = torch.load(straight / "last.pt", weights_only=True)
     b = torch.load(split / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
@@ -74,8 +72,8 @@ def test_resumed_run_draws_the_same_augmentations(tmp_path):
 # ---- precision, memory format, compile ------------------------------------------------------------------
 def test_bf16_channels_last_trains_on_cpu(tmp_path):
     out = tmp_path / "run"
-    train(["--arch", "cnn", *FAKE, "--fake-size", "128", "-b", "32", "--eval-batch-size", "48", "--epochs", "1",
-           "--precision", "bf16", "--channels-last", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--eval-batch-size", "48", "--epochs", "1", "--precision", "bf16", "--channels-last",
+                        size=128))
     (row,) = metrics(out)
     assert row["step"] == 4 and 0 < row["train_loss"] < 10 and row["val_acc"] is not None
     assert row["warmup_seconds"] > 0 and row["elapsed_seconds"] >= row["warmup_seconds"]
@@ -95,8 +93,9 @@ def test_compile_trains_without_recompiling(tmp_path):
     """--compile: the epoch's short last training batch and the short last evaluation batch run eagerly,
     so nothing is recompiled; the warm-up (compile) is reported; checkpoint keys carry no _orig_mod."""
     out = tmp_path / "run"
-    r = train(["--arch", "cnn", *FAKE, "--fake-size", "100", "-b", "32", "--eval-batch-size", "16", "--epochs", "2",
-               "--compile", "--output-dir", str(out)], timeout=900, extra_env={"TORCH_LOGS": "recompiles"})
+    # a real process: torch reads TORCH_LOGS when it is imported, and inductor starts its compile workers
+    r = train(tiny_run(out, "--eval-batch-size", "16", "--epochs", "2", "--compile", size=100), timeout=900,
+              extra_env={"TORCH_LOGS": "recompiles"})
     log = r.stdout + r.stderr
     # two graphs: evaluation (compiled in the warm-up) and training, which dynamo logs as one recompile
     # triggered by the grad mode; none for the short batches (size/stride guards)
@@ -127,8 +126,7 @@ def test_airbench_recipe_settings():
 def test_airbench_recipe_trains_on_cpu(tmp_path):
     """The whole arch with its recipe (bf16, channels_last, lookahead, BN-bias LR, shift TTA), briefly."""
     out = tmp_path / "run"
-    train(["--arch", "airbench", *FAKE, "--fake-size", "192", "-b", "64", "--eval-batch-size", "40",
-           "--max-steps", "6", "--output-dir", str(out)], timeout=600)
+    train_here(tiny_run(out, "--eval-batch-size", "40", "--max-steps", "6", arch="airbench", size=192, batch=64))
     row = metrics(out)[-1]                      # 3 steps an epoch; evaluated at the end only
     assert row["step"] == 6 and row["val_acc"] is not None and row["train_loss"] < 10
     ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -200,13 +198,11 @@ def test_lookahead_jumps_every_k_steps():
 
 def test_ema_checkpoint_round_trip(tmp_path):
     out = tmp_path / "run"
-    train(["--arch", "cnn", *FAKE, "--fake-size", "96", "-b", "32", "--eval-batch-size", "48", "--epochs", "1",
-           "--ema", "0.5", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--eval-batch-size", "48", "--epochs", "1", "--ema", "0.5", size=96))
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["ema_n"] == 3 and set(ckpt["model"]) == set(ckpt["train_model"])
     assert any(not torch.equal(ckpt["model"][k], ckpt["train_model"][k]) for k in ckpt["model"])
-    train(["--arch", "cnn", *FAKE, "--fake-size", "96", "-b", "32", "--eval-batch-size", "48", "--epochs", "2",
-           "--ema", "0.5", "--output-dir", str(out), "--resume", "auto"])
+    train_here(tiny_run(out, "--eval-batch-size", "48", "--epochs", "2", "--ema", "0.5", "--resume", "auto", size=96))
     assert torch.load(out / "last.pt", weights_only=True)["ema_n"] == 6
 
 

@@ -18,10 +18,9 @@ import torch
 
 from dtrain.files import atomic_write, remove_stale_temp_files
 from dtrain.errors import UserError
-from helpers import MAIN, REPO, env, free_port, metrics, signal_mid_run, train, write_cifar
+from helpers import MAIN, REPO, env, free_port, metrics, signal_mid_run, tiny_run, train, train_here, write_cifar
 
 STOP_LINE = re.compile(r"stopped by signal (\d+) at step (\d+) \(epoch (\d+), batch (\d+)/(\d+)\)")
-FAKE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +121,12 @@ def one_error_line(r) -> str:
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_last_pt(small_fs):
     out = small_fs / "run"
-    train([*FAKE, "--epochs", "1", "--output-dir", out])
+    train_here(tiny_run(out, "--epochs", "1"))
     before = (out / "last.pt").read_bytes()
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
     with open(small_fs / "filler", "wb") as f:       # leave room for the small files, not for a checkpoint
         f.write(b"\0" * (free - 256 * 1024))
-    r = train([*FAKE, "--epochs", "2", "--resume", "auto", "--output-dir", out], check=False)
+    r = train_here(tiny_run(out, "--epochs", "2", "--resume", "auto"), status=None)
     line = one_error_line(r)
     assert re.search(rf"disk full writing {re.escape(str(out))}/(last|best)\.pt: free space on "
                      rf"{re.escape(str(small_fs))} or use another --output-dir", line), line
@@ -138,7 +137,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous_last_p
 def test_output_dir_that_is_a_file_is_refused_before_training(tmp_path):
     blocker = tmp_path / "results"
     blocker.write_text("not a folder")
-    r = train([*FAKE, "--epochs", "1", "--output-dir", blocker / "run"], check=False)
+    r = train_here(tiny_run(blocker / "run", "--epochs", "1"), status=None)
     line = one_error_line(r)
     assert f"{blocker} is a file, not a folder" in line and "--output-dir" in line
     assert "epoch 1" not in r.stdout
@@ -155,7 +154,7 @@ def test_read_only_output_dir_is_refused_before_training(tmp_path):
     else:
         ro.chmod(0o555)
     try:
-        r = train([*FAKE, "--epochs", "1", "--output-dir", ro / "run"], check=False)
+        r = train_here(tiny_run(ro / "run", "--epochs", "1"), status=None)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(ro)])
@@ -168,7 +167,7 @@ def test_checkpoints_follow_the_umask_and_a_resume_repairs_metrics_and_removes_s
     out = tmp_path / "run"
     old = os.umask(0o022)
     try:
-        train([*FAKE, "--epochs", "1", "--output-dir", out])
+        train_here(tiny_run(out, "--epochs", "1"))
     finally:
         os.umask(old)
     for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl"):
@@ -177,7 +176,7 @@ def test_checkpoints_follow_the_umask_and_a_resume_repairs_metrics_and_removes_s
         f.write('{"epoch": 2, "step": 4, "train_lo')
     stale = out / ".last.pt.k3j9x0_q.tmp"             # an interrupted checkpoint write
     stale.write_bytes(b"\0" * 4096)
-    train([*FAKE, "--epochs", "2", "--resume", "auto", "--output-dir", out])
+    train_here(tiny_run(out, "--epochs", "2", "--resume", "auto"))
     assert not stale.exists()
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
     assert (out / "metrics.jsonl").read_text().endswith("}\n")
@@ -221,8 +220,7 @@ def test_cifar_batches_with_float_pixels_or_labels_are_refused(tmp_path, entry):
     batch[entry] = np.asarray(batch[entry], dtype=np.float32) / (255.0 if entry == "data" else 1.0)
     with open(path, "wb") as f:
         pickle.dump(batch, f)
-    r = train(["--arch", "cnn", "--data-dir", root, "--no-download", "--max-steps", "1", "--batch-size", "10",
-               "--output-dir", tmp_path / "run"], check=False)
+    r = train_here(tiny_run(tmp_path / "run", "--max-steps", "1", data=root, batch=10), status=None)
     line = one_error_line(r)
     assert str(path) in line and ("pixels must be integers" if entry == "data" else "labels must be integers") in line
 
@@ -244,12 +242,12 @@ def test_disk_full_on_the_main_process_ends_every_process_with_the_same_line(sma
     """Only the main process writes checkpoints: its error reaches the other process, which would otherwise
     wait for it until the collective timeout."""
     out = small_fs / "run"
-    train([*FAKE, "--epochs", "1", "--output-dir", out])
+    train_here(tiny_run(out, "--epochs", "1"))
     before = (out / "last.pt").read_bytes()
     free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
     with open(small_fs / "filler", "wb") as f:
         f.write(b"\0" * (free - 256 * 1024))
-    r = train([*FAKE, "--epochs", "2", "--resume", "auto", "--output-dir", out], nproc=2, check=False, timeout=240)
+    r = train(tiny_run(out, "--epochs", "2", "--resume", "auto"), nproc=2, check=False, timeout=240)
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 2 and len(set(lines)) == 1, r.stderr
     assert re.search(rf"disk full writing {re.escape(str(out))}/(last|best)\.pt", lines[0]), lines[0]
@@ -261,9 +259,8 @@ def test_save_every_minutes_saves_mid_epoch_and_a_kill_9_resumes_there(tmp_path)
     """--save-every-minutes: last.pt is written mid-epoch while training runs, so a kill -9 loses at most
     that much work; --resume auto continues from the saved batch."""
     out = tmp_path / "run"
-    args = [*FAKE, "--fake-size", "1280", "--batch-size", "16", "--epochs", "1", "--save-every-minutes", "0.002",
-            "--output-dir", out]
-    proc = subprocess.Popen([sys.executable, MAIN, "--no-wandb", "--no-plots", *[str(a) for a in args]], cwd=REPO,
+    args = tiny_run(out, "--epochs", "1", "--save-every-minutes", "0.002", size=1280, batch=16)
+    proc = subprocess.Popen([sys.executable, MAIN, *args], cwd=REPO,
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline, saved = time.monotonic() + 180, None
@@ -280,7 +277,7 @@ def test_save_every_minutes_saves_mid_epoch_and_a_kill_9_resumes_there(tmp_path)
     assert proc.returncode == -signal.SIGKILL, err
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 0 and 0 < ckpt["batch_in_epoch"] < 80
-    r = train([*args, "--resume", "auto"])
+    r = train_here([*args, "--resume", "auto"])
     assert f"resumed from {out / 'last.pt'} at epoch 1, step {ckpt['step']}" in r.stdout, r.stdout
     rows = metrics(out)
     assert [(row["epoch"], row["step"], row["train_samples"]) for row in rows] == [(1, 80, 1280)]

@@ -20,9 +20,7 @@ import torch
 from dtrain.checkpoint import load_checkpoint
 from dtrain.devices import Machine, Torch, check_device, visible_devices
 from dtrain.errors import UserError
-from helpers import MAIN, REPO, cli_error, launch, metrics, signal_mid_run, train, train_here
-
-FAKE = ["--arch", "cnn", "--dataset", "fake", "--workers", "0"]
+from helpers import MAIN, REPO, cli_error, launch, metrics, signal_mid_run, tiny_run, train, train_here
 
 
 def have_compiler() -> bool:
@@ -112,22 +110,22 @@ def test_precisions_the_device_lacks_are_one_line():
     assert "Tesla V100" in str(e.value) and "use --precision fp16, or --precision no" in str(e.value)
 
 
-def test_train_on_a_gpu_node_without_cuda_exits_2_before_anything(tmp_path, monkeypatch, capsys):
+def test_train_on_a_gpu_node_without_cuda_exits_2_before_anything(tmp_path, monkeypatch):
     """The real command, the real torch (no CUDA here), a GPU node faked by nvidia-smi and Slurm's variable."""
     bin_dir = fake_nvidia_smi(tmp_path / "bin", 2)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
     out = tmp_path / "run"
-    line = cli_error([*FAKE, "--epochs", "1", "--output-dir", out], capsys)
+    line = cli_error(tiny_run(out, "--epochs", "1"))
     assert "this machine has GPUs (SLURM_GPUS_ON_NODE=2; nvidia-smi lists 2 GPUs)" in line, line
     assert f"torch {torch.__version__}" in line and "NVIDIA driver 550.54.15" in line, line
     assert not out.exists()  # refused before the folder was claimed
-    summary = train_here([*FAKE, "--fake-size", "32", "-b", "16", "--max-steps", "1", "--cpu", "--output-dir", out])
+    summary = train_here(tiny_run(out, "--max-steps", "1", "--cpu", size=32, batch=16)).result
     assert summary["steps"] == 1
 
 
-def test_fp16_on_the_cpu_is_refused_not_run_as_fp32(tmp_path, capsys):
-    line = cli_error([*FAKE, "--precision", "fp16", "--output-dir", tmp_path / "run"], capsys)
+def test_fp16_on_the_cpu_is_refused_not_run_as_fp32(tmp_path):
+    line = cli_error(tiny_run(tmp_path / "run", "--precision", "fp16"))
     assert line.startswith("error: --precision fp16 needs a GPU")
 
 
@@ -150,7 +148,7 @@ def output_dtypes(record: list):
 def test_bf16_autocast_runs_training_and_evaluation(tmp_path):
     record = []
     out = tmp_path / "run"
-    train_here([*FAKE, "--fake-size", "64", "-b", "16", "--epochs", "1", "--precision", "bf16", "--output-dir", out],
+    train_here(tiny_run(out, "--epochs", "1", "--precision", "bf16", size=64, batch=16),
                build_model=output_dtypes(record))
     assert {dtype for _, dtype in record} == {torch.bfloat16}
     assert {training for training, _ in record} == {True, False}  # training and evaluation forwards
@@ -195,15 +193,17 @@ def overflow_at(steps: set, record: list | None = None):
     return build
 
 
-FP16 = [*FAKE, "--fake-size", "96", "-b", "16", "--log-every", "1", "--grad-clip", "1.0", "--optimizer", "sgd"]
+def fp16(out, *more):
+    """The fp16 stand-in's run: 6 steps an epoch, every step logged, clipped SGD."""
+    return tiny_run(out, "--log-every", "1", "--grad-clip", "1.0", "--optimizer", "sgd", *more, size=96, batch=16)
 
 
 def test_fp16_scaler_skips_an_overflowed_step_and_counts_it(tmp_path):
     """One infinite loss at a log step: the GradScaler skips that step and halves its scale; the run goes
     on (not "diverged"), the epoch row counts the skipped step, the checkpoint holds the scaler's state."""
     out = tmp_path / "run"
-    summary = train_here([*FP16, "--epochs", "2", "--output-dir", out], make_accelerator=cpu_fp16_accelerator,
-                         build_optimizer=fused_optimizer(), build_model=overflow_at({3}))
+    summary = train_here(fp16(out, "--epochs", "2"), make_accelerator=cpu_fp16_accelerator,
+                         build_optimizer=fused_optimizer(), build_model=overflow_at({3})).result
     assert summary["steps"] == 12
     rows = metrics(out)
     assert [r["skipped_steps"] for r in rows] == [1, 0]
@@ -215,12 +215,12 @@ def test_fp16_scaler_skips_an_overflowed_step_and_counts_it(tmp_path):
 def test_fp16_scaler_resume_is_exact(tmp_path):
     """Stopped at step 5 (after a skipped step), resumed: the same weights, scale and growth tracker as a
     run never stopped; fused SGD and clipping under the scaler."""
-    common = [*FP16, "--epochs", "2", "--scheduler", "none"]  # --max-steps would change a decaying schedule
+    common = ["--epochs", "2", "--scheduler", "none"]  # --max-steps would change a decaying schedule
     patches = dict(make_accelerator=cpu_fp16_accelerator, build_optimizer=fused_optimizer())
-    train_here([*common, "--output-dir", tmp_path / "whole"], build_model=overflow_at({2}), **patches)
+    train_here(fp16(tmp_path / "whole", *common), build_model=overflow_at({2}), **patches)
     part = tmp_path / "part"
-    train_here([*common, "--max-steps", "5", "--output-dir", part], build_model=overflow_at({2}), **patches)
-    train_here([*common, "--resume", "auto", "--output-dir", part], **patches)
+    train_here(fp16(part, *common, "--max-steps", "5"), build_model=overflow_at({2}), **patches)
+    train_here(fp16(part, *common, "--resume", "auto"), **patches)
     whole, resumed = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(part / "last.pt")
     assert resumed["step"] == whole["step"] == 12
     assert resumed["scaler"] == whole["scaler"] and whole["scaler"]["scale"] == 32768.0
@@ -230,14 +230,13 @@ def test_fp16_scaler_resume_is_exact(tmp_path):
 
 def test_fp16_scale_collapse_is_divergence(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(Exception) as e:
-        train_here([*FP16, "--epochs", "6", "--output-dir", out], make_accelerator=cpu_fp16_accelerator,
+    r = train_here(fp16(out, "--epochs", "6"), status=3, make_accelerator=cpu_fp16_accelerator,  # TrainingDiverged
                    build_optimizer=fused_optimizer(), build_model=overflow_at(set(range(7, 100))))
-    assert type(e.value).__name__ == "TrainingDiverged"
     # every step from the 7th overflows: the scale halves each time and is below 1 after 17 of them
-    m = re.match(r"the training loss became NaN or infinite (by step (\d+)|in epoch \d+) .*: stopped without saving; "
-                 r"the last good checkpoint is \S+last.pt \(end of epoch \d, step \d+\)", str(e.value))
-    assert m, str(e.value)
+    (line,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    m = re.match(r"error: the training loss became NaN or infinite (by step (\d+)|in epoch \d+) .*: stopped without "
+                 r"saving; the last good checkpoint is \S+last.pt \(end of epoch \d, step \d+\)", line)
+    assert m, r.stderr
     assert [r["skipped_steps"] for r in metrics(out)][:3] == [0, 6, 6]
 
 
@@ -282,18 +281,17 @@ def test_compile_once_with_static_shapes_whatever_accelerate_asks(tmp_path, monk
     monkeypatch.setattr(torch, "compile", counting_compile(calls))
     if launcher_dynamo:
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launcher_dynamo)
-    train_here([*FAKE, "--fake-size", "32", "-b", "16", "--max-steps", "1", "--compile",
-                "--output-dir", tmp_path / "run"])
+    train_here(tiny_run(tmp_path / "run", "--max-steps", "1", "--compile", size=32, batch=16))
     assert [c.get("dynamic") for c in calls] == [False, False], calls
 
 
-def test_launcher_dynamo_alone_compiles_once_and_says_so(tmp_path, monkeypatch, capsys):
+def test_launcher_dynamo_alone_compiles_once_and_says_so(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", counting_compile(calls))
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
-    train_here([*FAKE, "--fake-size", "32", "-b", "16", "--max-steps", "1", "--output-dir", tmp_path / "run"])
+    r = train_here(tiny_run(tmp_path / "run", "--max-steps", "1", size=32, batch=16))
     assert [(c.get("dynamic"), c.get("backend")) for c in calls] == [(False, "inductor")] * 2
-    assert "compiled (static shapes; asked by the accelerate config's dynamo_backend)" in capsys.readouterr().out
+    assert "compiled (static shapes; asked by the accelerate config's dynamo_backend)" in r.stdout
 
 
 def test_compile_on_old_torch_with_ddp_turns_donated_buffers_off(monkeypatch):
@@ -313,8 +311,9 @@ def test_compiled_bf16_accumulation_has_no_symbolic_shapes(tmp_path):
     evaluation batches of 24 differ in size (the evaluation graph is compiled first, in the warm-up), and
     no graph has a symbolic (dynamic) batch dimension."""
     out = tmp_path / "run"
-    r = train([*FAKE, "--fake-size", "100", "-b", "32", "--grad-accum", "2", "--eval-batch-size", "24", "--epochs",
-               "2", "--compile", "--precision", "bf16", "--output-dir", out], timeout=900,
+    # a real process: torch reads TORCH_LOGS when it is imported, and inductor starts its compile workers
+    r = train(tiny_run(out, "--grad-accum", "2", "--eval-batch-size", "24", "--epochs", "2", "--compile",
+                       "--precision", "bf16", size=100, batch=32), timeout=900,
               extra_env={"TORCH_LOGS": "dynamic,recompiles"})
     log = r.stdout + r.stderr
     # a symbol for a size (the batch dimension made dynamic); BatchNorm's num_batches_tracked.item() gets a
@@ -333,8 +332,7 @@ def test_sigterm_during_the_compile_warm_up_saves_at_the_first_step(tmp_path):
     """SIGTERM to the whole process group (Slurm, docker stop, timeout) while inductor compiles: its compile
     workers survive it, and the run saves at its first step boundary and exits 0 like at any other moment."""
     out = tmp_path / "run"
-    cmd = [sys.executable, MAIN, *FAKE, "--fake-size", "200", "-b", "40", "--epochs", "2", "--compile",
-           "--no-wandb", "--no-plots", "--output-dir", out]
+    cmd = [sys.executable, MAIN, *tiny_run(out, "--epochs", "2", "--compile", size=200, batch=40)]
     rc, text = signal_mid_run(cmd, signal.SIGTERM, delay=2.0, timeout=600)
     assert rc == 0, text[-3000:]
     assert "Traceback" not in text and "stopped by signal 15 at step 1" in text, text[-3000:]
@@ -381,8 +379,8 @@ def test_empty_validation_shard_makes_the_same_collective_calls(tmp_path, nproc)
     buffer broadcast in a forward, and the next ones mismatch)."""
     out = tmp_path / "run"
     logged = logging_collectives(tmp_path)
-    train([*FAKE, "--fake-size", "4", "-b", str(nproc), "--eval-batch-size", "8", "--epochs", "2",
-           "--output-dir", out], nproc=nproc, extra_env=logged, timeout=300)
+    train(tiny_run(out, "--eval-batch-size", "8", "--epochs", "2", size=4, batch=nproc), nproc=nproc, extra_env=logged,
+          timeout=300)
     assert [row["val_samples"] for row in metrics(out)] == [1, 1]
     calls = assert_same_collectives(logged, nproc)
     assert "all_gather" in calls  # the evaluation's gather (the log works)
@@ -390,7 +388,7 @@ def test_empty_validation_shard_makes_the_same_collective_calls(tmp_path, nproc)
 
 def test_empty_prediction_shards_make_the_same_collective_calls(tmp_path):
     run = tmp_path / "run"
-    train_here([*FAKE, "--fake-size", "16", "-b", "8", "--max-steps", "1", "--output-dir", run])
+    train_here(tiny_run(run, "--max-steps", "1", size=16, batch=8))
     image = tmp_path / "kaggle" / "test" / "1.png"   # one test image for 3 processes
     image.parent.mkdir(parents=True)
     from PIL import Image
@@ -408,8 +406,7 @@ def test_prediction_runs_channels_last_when_the_checkpoint_trained_so(tmp_path):
     from dtrain.predict import load_model, parse_args
     for channels_last in (False, True):
         out = tmp_path / f"run{channels_last}"
-        train_here([*FAKE, "--fake-size", "16", "-b", "8", "--max-steps", "1", "--output-dir", out]
-                   + (["--channels-last"] if channels_last else []))
+        train_here(tiny_run(out, "--max-steps", "1", *(["--channels-last"] if channels_last else []), size=16, batch=8))
         m = load_model(parse_args(["--checkpoint", str(out / "last.pt"), "--output", str(tmp_path / "p.csv")]),
                        torch.device("cpu"))
         conv = next(p for p in m.model.parameters() if p.dim() == 4)
@@ -438,8 +435,8 @@ def test_reported_validation_loss_is_the_saved_models_on_two_processes(tmp_path,
     """With BatchNorm on 2 processes each rank's statistics (and its EMA's) drift apart after DDP's
     per-forward broadcast; the evaluation uses rank 0's, which are the ones saved."""
     out = tmp_path / "run"
-    args = ["--arch", "cnn", "--data-dir", cifar_dir, "--no-download", "-b", "40", "--eval-batch-size", "64",
-            "--workers", "0", "--epochs", "1", "--output-dir", out] + (["--ema", "0.5"] if ema else [])
+    args = tiny_run(out, "--eval-batch-size", "64", "--epochs", "1", *(["--ema", "0.5"] if ema else []), data=cifar_dir,
+                    batch=40)
     train(args, nproc=2)
     (row,) = metrics(out)
     assert row["val_loss"] == pytest.approx(val_loss_of(out / "last.pt", cifar_dir), rel=1e-6)
@@ -449,9 +446,9 @@ def test_channels_last_under_two_process_ddp_trains_like_one_process(tmp_path, c
     """channels_last weights in DDP's gradient buckets (gradient_as_bucket_view): no stride mismatch, and the
     2-process run takes the 1-process run's steps. (Not to 1e-7 as in NCHW: the CPU's channels_last
     convolutions sum a batch of 20 in another order than one of 40, a few 1e-6 per step.)"""
-    args = ["--arch", "cnn", "--data-dir", cifar_dir, "--no-download", "-b", "40", "--eval-batch-size", "64",
-            "--workers", "0", "--epochs", "2", "--no-augment", "--norm", "group", "--lr", "0.05", "--channels-last"]
-    train([*args, "--output-dir", tmp_path / "p1"])
+    args = tiny_run(None, "--eval-batch-size", "64", "--epochs", "2", "--no-augment", "--norm", "group", "--lr", "0.05",
+                    "--channels-last", data=cifar_dir, batch=40)
+    train_here([*args, "--output-dir", tmp_path / "p1"])
     r = train([*args, "--output-dir", tmp_path / "p2"], nproc=2)
     assert "Grad strides do not match bucket view strides" not in r.stderr
     one, two = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("p1", "p2"))

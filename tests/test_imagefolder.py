@@ -14,7 +14,7 @@ from dtrain.data import imagefolder, load_dataset, stats
 from dtrain.data.decode import decode_image
 from dtrain.data.loader import make_loader
 from dtrain.errors import UserError
-from helpers import train
+from helpers import tiny_run, train_here
 from test_decode import write_16bit
 
 CLASSES = ["zebra", "apple", "mango"]          # sorted: apple, mango, zebra
@@ -222,7 +222,7 @@ def test_load_dataset_dispatches_on_config(tmp_path):
 def test_64px_run_end_to_end_stores_the_computed_normalisation(tmp_path):
     root = write_folder(tmp_path / "data", sizes=((40, 52), (64, 64), (90, 70)))
     out = tmp_path / "run"
-    train(["--recipe", "seed-simpsons", "--data-dir", str(root), "--batch-size", "6", "--eval-batch-size", "8",
+    train_here(["--recipe", "seed-simpsons", "--data-dir", str(root), "--batch-size", "6", "--eval-batch-size", "8",
            "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)])   # resnet18, 64 px, flips, auto
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["arch"] == "resnet18" and ckpt["config"]["vflip"] and ckpt["config"]["normalize"] == "auto"
@@ -234,8 +234,8 @@ def test_64px_run_end_to_end_stores_the_computed_normalisation(tmp_path):
 def test_file_backed_run_end_to_end(tmp_path):
     root = write_folder(tmp_path / "data", sizes=((30, 30),), mode="L")
     out = tmp_path / "run"
-    train(["--arch", "cnn", "--dataset", "imagefolder", "--data-dir", str(root), "--loader", "files",
-           "--workers", "1", "--batch-size", "6", "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--loader", "files", "--workers", "1", "--epochs", "1", "--max-steps", "2",
+                        dataset="imagefolder", data=root, batch=6))
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["in_channels"] == 1 and ckpt["image_size"] == 30
     ref_mean, ref_std = numpy_stats(root, None, 1)
@@ -257,7 +257,7 @@ def test_pretrained_recipe_runs_on_a_folder(tmp_path):
     """The fine-tune recipe's model and data path (ImageNet weights are not available offline, so none)."""
     root = write_folder(tmp_path / "data", sizes=((40, 52), (64, 64)))
     out = tmp_path / "run"
-    train(["--recipe", "seed-pretrained", "--no-pretrained", "--data-dir", str(root), "--image-size", "32",
+    train_here(["--recipe", "seed-pretrained", "--no-pretrained", "--data-dir", str(root), "--image-size", "32",
            "--batch-size", "6", "--epochs", "1", "--max-steps", "1", "--output-dir", str(out)])
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["arch"] == "tv:resnet18" and ckpt["num_classes"] == 3

@@ -16,8 +16,8 @@ from PIL import Image
 from dtrain.config import Config
 from dtrain.data import cache, decode, kaggle
 from dtrain.errors import UserError
+from helpers import REPO, tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -254,9 +254,8 @@ def test_two_process_training_builds_the_cache_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), str(REPO / "dtrain" / "main.py"), "--arch", "cnn", "--dataset", "kaggle",
-           "--data-dir", str(root), "--val-split", "20", "--max-steps", "2", "--batch-size", "16",
-           "--output-dir", str(tmp_path / "run"), "--no-wandb", "--no-plots", "--workers", "0"]
+           str(_free_port()), str(REPO / "dtrain" / "main.py"),
+           *tiny_run(tmp_path / "run", "--val-split", "20", "--max-steps", "2", dataset="kaggle", data=root, batch=16)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr

@@ -17,7 +17,7 @@ from dtrain.checkpoint import load_checkpoint
 from dtrain.settings import build_config
 from dtrain.data import mnist, stats
 from dtrain.errors import UserError
-from helpers import SHARED_DATA, train
+from helpers import SHARED_DATA, tiny_run, train_here
 
 # The seed recipe runs 30 epochs; 20 suffice here (OMP_NUM_THREADS=1 makes a CPU run deterministic; measured
 # final test accuracy at 20 epochs: 98.40% / 98.10% / 98.80% for seeds 0 / 1 / 2; the test uses seed 0), in
@@ -151,8 +151,8 @@ def test_download_fetches_only_missing_files(tmp_path, monkeypatch):
 def test_one_channel_run_end_to_end(tmp_path):
     root = write_idx(tmp_path / "data", gz=True)
     out = tmp_path / "run"
-    train(["--arch", "mnist-cnn", "--dataset", "mnist", "--data-dir", str(root), "--no-download",
-           "--batch-size", "16", "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--epochs", "1", "--max-steps", "2", arch="mnist-cnn", dataset="mnist", data=root,
+                        batch=16))
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["in_channels"] == 1 and ckpt["image_size"] == 28 and ckpt["mean"] == [0.1307]
     assert ckpt["config"]["recipe"] == "mnist-cnn"
@@ -166,8 +166,8 @@ def test_mnist_cnn_deep_recipe_reaches_98_percent_on_real_digits(tmp_path):
     subprocess.run([sys.executable, str(SHARED_DATA / "export.py"), "mnist", str(tmp_path / "data")], check=True)
     out = tmp_path / "run"
     t0 = time.perf_counter()
-    train(["--recipe", "seed-mnist-cnn-deep", "--data-dir", str(tmp_path / "data"), "--no-download",
-           "--epochs", str(GOAL_EPOCHS), "--output-dir", str(out)], timeout=1200)
+    train_here(["--recipe", "seed-mnist-cnn-deep", "--data-dir", str(tmp_path / "data"), "--no-download",
+                "--epochs", str(GOAL_EPOCHS), "--output-dir", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = rows[-1]["val_acc"]
     print(f"mnist-cnn-deep, {GOAL_EPOCHS} epochs on 4,000 digits: {final:.2%} test accuracy in "

@@ -1,5 +1,6 @@
-"""dtrain/predict.py end to end: Kaggle submissions on 1 and 3 processes, the packed cache, bad inputs,
-labelled data, single images, and a trained-then-predicted run on real CIFAR-10 images."""
+"""dtrain/predict.py end to end: Kaggle submissions on 1 process (in this process, through its command-line
+entry point) and 3 (real processes), the packed cache, bad inputs, labelled data, single images, and a
+trained-then-predicted run on real CIFAR-10 images."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import MAIN, REPO, launch
+from helpers import REPO, launch, predict_here, tiny_run, train_here
 from helpers import SHARED_DATA as SHARED
 from test_decode import write_16bit
 from test_kaggle import CLASSES, image, write_kaggle, write_test
@@ -39,8 +40,12 @@ predict.main(sys.argv[2:])
 """
 
 
-def predict(args: list, nproc: int = 1, **kw):
-    return launch(PREDICT, args, nproc, **kw)
+def predict(args: list, nproc: int = 1, check: bool = True, **kw):
+    """dtrain/predict.py ARGS: in this process for one process, under accelerate launch for more; `check`: it
+    must succeed."""
+    if nproc == 1:
+        return predict_here(args, status=0 if check else None)
+    return launch(PREDICT, args, nproc, check=check, **kw)
 
 
 def rows(path: Path) -> list[list[str]]:
@@ -57,8 +62,7 @@ def kdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(kdir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    launch(MAIN, ["--arch", "cnn", "--dataset", "kaggle", "--data-dir", kdir, "--val-split", 100, "--max-steps", 2,
-                  "--batch-size", 32, "--output-dir", out, "--no-wandb", "--no-plots", "--workers", 0])
+    train_here(tiny_run(out, "--val-split", 100, "--max-steps", 2, dataset="kaggle", data=kdir))
     return out / "last.pt"
 
 
@@ -155,10 +159,10 @@ def test_labelled_cifar10_split_prints_accuracy_and_writes_predictions(checkpoin
     again = ["--checkpoint", checkpoint, "--dataset", "cifar10", "--data-dir", tmp_path / "cifar", "--output",
              tmp_path / "pred.csv"]
     before = (tmp_path / "pred.csv").read_bytes()
-    r = launch(PREDICT, again, check=False)
+    r = predict(again, check=False)
     assert r.returncode == 2 and "pred.csv exists" in r.stderr and "--force" in r.stderr
     assert (tmp_path / "pred.csv").read_bytes() == before
-    assert launch(PREDICT, [*again, "--force"]).returncode == 0
+    assert predict([*again, "--force"]).returncode == 0
 
 
 def test_single_images_top5_grey_and_rgba(checkpoint, tmp_path):
@@ -261,9 +265,8 @@ def test_trained_then_predicted_on_real_images_beats_chance(tmp_path):
     subprocess.run([sys.executable, str(SHARED / "export.py"), "kaggle", str(root), "--train", "5000", "--test",
                     "1000", "--total", "2000"], check=True, capture_output=True, timeout=300)
     # two epochs of adam on 4,800 images (about 40 s on one core; the tests run one worker per core)
-    launch(MAIN, ["--arch", "cnn", "--dataset", "kaggle", "--data-dir", root, "--val-split", 200, "--epochs", 2,
-                  "--batch-size", 32, "--optimizer", "adam", "--lr", 0.003, "--weight-decay", 0,
-                  "--output-dir", tmp_path / "run", "--no-wandb", "--no-plots", "--workers", 0], timeout=1200)
+    train_here(tiny_run(tmp_path / "run", "--val-split", 200, "--epochs", 2, "--optimizer", "adam", "--lr", 0.003,
+                        "--weight-decay", 0, dataset="kaggle", data=root))
     predict(["--checkpoint", tmp_path / "run" / "last.pt", "--data-dir", root, "--output", tmp_path / "sub.csv"],
             nproc=2, timeout=300)
     ours = dict(rows(tmp_path / "sub.csv")[1:])
@@ -282,9 +285,8 @@ def test_an_airbench_checkpoint_is_scored_with_its_runs_tta_unless_overridden(tm
     from dtrain.inference import eval_logits
     from dtrain.models import model_from_checkpoint
     from dtrain.predict import run
-    launch(MAIN, ["--arch", "airbench", "--dataset", "fake", "--fake-size", 64, "--max-steps", 2, "--batch-size", 32,
-                  "--eval-batch-size", 32, "--precision", "no", "--output-dir", tmp_path / "run", "--no-wandb",
-                  "--no-plots", "--workers", 0])
+    train_here(tiny_run(tmp_path / "run", "--max-steps", 2, "--eval-batch-size", 32, "--precision", "no",
+                        arch="airbench"))
     ckpt_path = tmp_path / "run" / "last.pt"
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt["config"]["tta"] is True and ckpt["config"]["tta_shift"] == 1      # the airbench recipe's

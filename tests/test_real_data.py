@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from helpers import metrics, train
+from helpers import metrics, tiny_run, train_here
 
 
 @pytest.mark.slow
@@ -14,9 +14,7 @@ def test_cnn_learns_real_cifar(shared_data, tmp_path):
     subprocess.run([sys.executable, str(shared_data / "export.py"), "cifar", str(tmp_path / "c"), "--train", "5000",
                     "--test", "1000"], check=True, capture_output=True)
     out = tmp_path / "run"
-    train(["--arch", "cnn", "--data-dir", str(tmp_path / "c"), "--no-download", "--epochs", "3",
-           "--batch-size", "64", "--lr", "0.05", "--scheduler", "onecycle", "--output-dir", str(out)],
-          timeout=600)
+    train_here(tiny_run(out, "--epochs", "3", "--lr", "0.05", "--scheduler", "onecycle", data=tmp_path / "c", batch=64))
     rows = metrics(out)
     assert rows[-1]["val_samples"] == 1000
     assert rows[-1]["val_acc"] >= 0.40, rows[-1]

@@ -17,7 +17,7 @@ from dtrain.inference import Evaluation
 from dtrain.errors import UserError
 from dtrain.report import plots
 from dtrain.report.build import make_reporters
-from helpers import train
+from helpers import tiny_run, train_here
 
 # tensorboard is optional (the `tensorboard` extra) and matplotlib a dependency: CI should have both so these run
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
@@ -47,8 +47,7 @@ def row(epoch: int, step: int) -> dict:
 @needs_tensorboard
 def test_tensorboard_run_writes_step_and_epoch_scalars(tmp_path):
     out = tmp_path / "run"
-    train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "2",
-           "--log-every", "1", "--tensorboard", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--epochs", "2", "--log-every", "1", "--tensorboard", batch=16))
     assert list((out / "tb").glob("events.out.tfevents.*"))
     s = scalars(out / "tb")
     for tag in ("train/loss", "train/lr", "train/images_per_second", "epoch/train_loss", "epoch/train_acc",
@@ -90,8 +89,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_run_picture_from_a_real_run(tmp_path):
     out = tmp_path / "run"
-    train(["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "16", "--epochs", "2",
-           "--plots", "--output-dir", str(out)])
+    train_here(tiny_run(out, "--epochs", "2", "--plots", batch=16))
     png = out / "run.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, children, env, metrics
+from helpers import REPO, children, env, metrics, tiny_run, train_here
 
 ROUNDS, EPOCHS = 3, 8
-ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "256", "--batch-size", "32", "--no-wandb",
-        "--epochs", str(EPOCHS), "--seed", "0", "--resume", "auto"]
+ARGS = tiny_run(None, "--epochs", str(EPOCHS), "--seed", "0", "--resume", "auto", size=256)
 RESUMED = re.compile(r"resumed from .*last\.pt at epoch (\d+)")
 
 
@@ -111,16 +110,14 @@ def torchrun_sh(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env(GPUS_PER_NODE=1))
 
 
-SMALL = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb", "--no-plots"]
+SMALL = tiny_run()
 
 
 def test_a_restart_does_not_continue_another_runs_folder(tmp_path):
     """A new job under launch/torchrun.sh into a finished run's folder is refused on every attempt: its
     restarts (TORCHELASTIC_RESTART_COUNT > 0) do not count as continuing that run."""
     out = tmp_path / "run"
-    r = subprocess.run(["python", "dtrain/main.py", *SMALL, "--epochs", "1", "--output-dir", str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300, env=env())
-    assert r.returncode == 0, r.stderr
+    train_here([*SMALL, "--epochs", "1", "--output-dir", str(out)])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     r = torchrun_sh([*SMALL, "--epochs", "3", "--output-dir", out])
     assert r.returncode != 0

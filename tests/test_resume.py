@@ -13,21 +13,15 @@ import torch
 
 from dtrain.checkpoint import save_checkpoint
 from dtrain.config import FIELDS, MUST_MATCH, RESUME_RULES, SAME_MID_EPOCH, Config, _f, policy
-from dtrain.main import main
 from helpers import cli_error as refused
+from helpers import tiny_run, train_here as trained
 
-FAKE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "128", "--batch-size", "32", "--no-wandb", "--no-plots",
-        "--workers", "0", "--seed", "0"]
-
-
-def trained(argv) -> None:
-    main([str(a) for a in argv])
+FAKE = tiny_run(None, "--seed", "0", size=128)
 
 
 def copy_run(run: Path, to: Path) -> None:
-    """A copy of a run's folder to resume in, less the lock this process holds on the original (a run in
-    process releases it at exit)."""
-    shutil.copytree(run, to, ignore=shutil.ignore_patterns("run.lock"))
+    """A copy of a run's folder to resume in."""
+    shutil.copytree(run, to)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +51,8 @@ def mid_epoch_run(tmp_path_factory) -> Path:
     (["--dataset", "mnist"], "--dataset is 'mnist' here but 'fake' in the checkpoint"),
     (["--decay-norm-bias=false"], "--decay-norm-bias is False here but True in the checkpoint"),
 ], ids=["num-classes", "norm", "optimizer", "image-size", "other-data", "dataset", "param-groups"])
-def test_a_setting_that_must_match_is_named(epoch_run, tmp_path, capsys, flags, message):
-    line = refused([*FAKE, "--epochs", "2", "--output-dir", tmp_path / "new", "--resume", epoch_run, *flags], capsys)
+def test_a_setting_that_must_match_is_named(epoch_run, tmp_path, flags, message):
+    line = refused([*FAKE, "--epochs", "2", "--output-dir", tmp_path / "new", "--resume", epoch_run, *flags])
     assert message in line and f"cannot resume from {epoch_run}" in line, line
     assert not (tmp_path / "new" / "last.pt").exists() and not (tmp_path / "new" / "metrics.jsonl").exists()
 
@@ -68,38 +62,35 @@ def test_a_setting_that_must_match_is_named(epoch_run, tmp_path, capsys, flags, 
     (["--grad-accum", "2"], "--grad-accum is 2 here but 1 in the checkpoint"),
     (["--seed", "1"], "--seed is 1 here but 0 in the checkpoint, which stopped mid-epoch (epoch 1, batch 2)"),
 ], ids=["batch-size", "grad-accum", "seed"])
-def test_mid_epoch_resume_with_another_batch_size_or_order_is_refused(mid_epoch_run, tmp_path, capsys, flags,
-                                                                      message):
+def test_mid_epoch_resume_with_another_batch_size_or_order_is_refused(mid_epoch_run, tmp_path, flags, message):
     """Before, another --batch-size silently skipped other samples of the epoch under way."""
     out = tmp_path / "run"
     copy_run(mid_epoch_run.parent, out)
-    line = refused([*FAKE, "--epochs", "1", "--output-dir", out, "--resume", "auto", *flags], capsys)
+    line = refused([*FAKE, "--epochs", "1", "--output-dir", out, "--resume", "auto", *flags])
     assert message in line, line
     assert torch.load(out / "last.pt", weights_only=True)["batch_in_epoch"] == 2   # the checkpoint is untouched
 
 
-def test_at_an_epoch_boundary_the_batch_size_must_still_match(epoch_run, tmp_path, capsys):
+def test_at_an_epoch_boundary_the_batch_size_must_still_match(epoch_run, tmp_path):
     """Another batch size would leave the step count (and the schedule) counting batches of two sizes: before,
     --epochs 2 with twice the batch size trained nothing and exited 0."""
     out = tmp_path / "run"
     copy_run(epoch_run.parent, out)
-    line = refused([*FAKE, "--epochs", "2", "--output-dir", out, "--resume", "auto", "--batch-size", "64"], capsys)
+    line = refused([*FAKE, "--epochs", "2", "--output-dir", out, "--resume", "auto", "--batch-size", "64"])
     assert "--batch-size is 64 here but 32 in the checkpoint (the run's step count" in line, line
     # the fake data set is drawn from --seed: another seed is other data
-    line = refused([*FAKE, "--epochs", "2", "--output-dir", tmp_path / "seed", "--resume", epoch_run, "--seed", "1"],
-                   capsys)
+    line = refused([*FAKE, "--epochs", "2", "--output-dir", tmp_path / "seed", "--resume", epoch_run, "--seed", "1"])
     assert "as many images as in the checkpoint's run but other labels" in line, line
 
 
-def test_allowed_changes_resume_and_take_effect(mid_epoch_run, tmp_path, capsys):
+def test_allowed_changes_resume_and_take_effect(mid_epoch_run, tmp_path):
     """More --epochs, another --lr, --weight-decay, --momentum, --eval-every, logging: the run continues at
     its place, and the optimiser runs with the new settings (not the checkpoint's)."""
     out = tmp_path / "run"
     copy_run(mid_epoch_run.parent, out)
-    capsys.readouterr()
-    trained([*FAKE, "--epochs", "2", "--output-dir", out, "--resume", "auto", "--lr", "0.05", "--weight-decay", "0",
-             "--momentum", "0.8", "--log-every", "5", "--tensorboard"])
-    assert "resumed from" in capsys.readouterr().out
+    r = trained([*FAKE, "--epochs", "2", "--output-dir", out, "--resume", "auto", "--lr", "0.05", "--weight-decay",
+                 "0", "--momentum", "0.8", "--log-every", "5", "--tensorboard"])
+    assert "resumed from" in r.stdout
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]) == (2, 8, 0)
     group = ckpt["optimizer"]["param_groups"][0]
@@ -119,15 +110,14 @@ def image_folder(root: Path, counts: tuple[int, int], seed: int, names=("apple",
     return root
 
 
-def test_an_image_folder_checkpoint_resumed_on_other_data_is_refused(tmp_path, capsys):
-    args = ["--arch", "cnn", "--dataset", "imagefolder", "--batch-size", "8", "--epochs", "1", "--no-wandb",
-            "--no-plots", "--workers", "0"]
-    trained([*args, "--data-dir", image_folder(tmp_path / "a", (12, 12), 0), "--output-dir", tmp_path / "run"])
+def test_an_image_folder_checkpoint_resumed_on_other_data_is_refused(tmp_path):
+    def args(data: Path, out: Path, *more) -> list[str]:
+        return tiny_run(out, "--epochs", "1", *more, dataset="imagefolder", data=data, batch=8)
+    trained(args(image_folder(tmp_path / "a", (12, 12), 0), tmp_path / "run"))
     ckpt = tmp_path / "run" / "last.pt"
 
     def resumed_on(data: Path) -> str:
-        return refused([*args, "--epochs", "2", "--data-dir", data, "--output-dir", tmp_path / data.name / "run",
-                        "--resume", ckpt], capsys)
+        return refused(args(data, tmp_path / data.name / "run", "--epochs", "2", "--resume", ckpt))
     line = resumed_on(image_folder(tmp_path / "more", (20, 20), 1))
     assert "the training data has 40 images here but 24 in the checkpoint's run" in line, line
     line = resumed_on(image_folder(tmp_path / "same-size", (10, 14), 2))
@@ -140,7 +130,7 @@ def test_an_image_folder_checkpoint_resumed_on_other_data_is_refused(tmp_path, c
 
 @pytest.mark.parametrize("content", [b"hello, this is a text file\n", bytes(range(256)) * 8, "foreign", "weights"],
                          ids=["text", "random-bytes", "foreign-pt", "weights-only"])
-def test_a_file_that_is_no_training_checkpoint_is_one_line(tmp_path, capsys, content):
+def test_a_file_that_is_no_training_checkpoint_is_one_line(tmp_path, content):
     path = tmp_path / "given.pt"
     if content == "foreign":
         torch.save({"state_dict": {"w": torch.ones(2)}}, path)
@@ -152,7 +142,7 @@ def test_a_file_that_is_no_training_checkpoint_is_one_line(tmp_path, capsys, con
     else:
         path.write_bytes(content)
         expected = "cannot be read: it is not a PyTorch checkpoint"
-    line = refused([*FAKE, "--epochs", "1", "--output-dir", tmp_path / "run", "--resume", path], capsys)
+    line = refused([*FAKE, "--epochs", "1", "--output-dir", tmp_path / "run", "--resume", path])
     assert expected in line and str(path) in line, line
 
 

@@ -17,12 +17,10 @@ import pytest
 from dtrain import rundir
 from dtrain.errors import UserError
 from dtrain.rundir import RunLock, default_output_dir, resume_for
-from helpers import MAIN, REPO, env, metrics, train
+from helpers import MAIN, REPO, env, metrics, tiny_run, train, train_here
 
-RUN = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--eval-batch-size", "64",
-       "--workers", "0"]
-LONG = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "256", "--batch-size", "32", "--workers", "0",
-        "--epochs", "1000", "--no-wandb", "--no-plots"]
+RUN = tiny_run(None, "--eval-batch-size", "64")
+LONG = tiny_run(None, "--epochs", "1000", size=256)
 
 # takes the lock on argv[1] the way dtrain/main.py does, says so, and holds it until killed
 HOLDER = """
@@ -60,9 +58,9 @@ def stop(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     proc.communicate(timeout=120)
 
 
-def refused(args: list, **kw) -> str:
-    """Run dtrain/main.py expecting a refusal: exit 2 and one line on stderr; that line."""
-    r = train(args, check=False, **kw)
+def refused(args: list) -> str:
+    """Run dtrain/main.py (in this process) expecting a refusal: exit 2 and one line on stderr; that line."""
+    r = train_here(args, status=None)
     assert r.returncode == 2, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -86,7 +84,7 @@ def write_lock(out: Path, age: float = 0.0, **record) -> Path:
 def finished(tmp_path_factory) -> Path:
     """The folder of a finished 1-epoch run."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    train([*RUN, "--epochs", "1", "--output-dir", out])
+    train_here([*RUN, "--epochs", "1", "--output-dir", out])
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
     return out
 
@@ -126,7 +124,7 @@ def test_lock_left_by_kill_9_is_taken_over_and_said_so(tmp_path):
     finally:
         stop(first)                                       # kill -9: no chance to release
     assert (out / "run.lock").exists()
-    r = train([*RUN, "--epochs", "1", "--output-dir", out, "--resume", "auto"])
+    r = train_here([*RUN, "--epochs", "1", "--output-dir", out, "--resume", "auto"])
     assert f"taking over the stale lock {out / 'run.lock'}" in r.stdout
     assert f"(pid {first.pid}): its process {first.pid} is gone" in r.stdout
     assert [row["epoch"] for row in metrics(out)] == [1]
@@ -170,7 +168,7 @@ def test_lock_is_released_when_the_run_fails(tmp_path):
 def test_stale_lock_of_another_host_is_taken_over_through_main(tmp_path):
     out = tmp_path / "run"
     write_lock(out, age=10 * rundir.STALE_SECONDS)
-    r = train([*RUN, "--epochs", "1", "--output-dir", out])
+    r = train_here([*RUN, "--epochs", "1", "--output-dir", out])
     assert ("taking over the stale lock" in r.stdout and "on node-elsewhere (pid 4242)" in r.stdout
             and "last refreshed" in r.stdout)
     assert [row["epoch"] for row in metrics(out)] == [1]
@@ -279,15 +277,15 @@ def test_resume_auto_without_last_pt_keeps_best_pt_and_metrics(earlier):
 def test_torchrun_restart_continues_the_run(tmp_path):
     """A restart of the job that claimed the folder continues it; another job's restart is refused."""
     out = tmp_path / "run"
-    train([*RUN, "--epochs", "1", "--output-dir", out], extra_env={"TORCHELASTIC_RUN_ID": "job-a"})
+    train_here([*RUN, "--epochs", "1", "--output-dir", out], extra_env={"TORCHELASTIC_RUN_ID": "job-a"})
     first = metrics(out)
-    r = train([*RUN, "--epochs", "2", "--output-dir", out],
-              extra_env={"TORCHELASTIC_RUN_ID": "job-a", "TORCHELASTIC_RESTART_COUNT": 1})
+    r = train_here([*RUN, "--epochs", "2", "--output-dir", out],
+                   extra_env={"TORCHELASTIC_RUN_ID": "job-a", "TORCHELASTIC_RESTART_COUNT": 1})
     assert "resumed from" in r.stdout
     rows = metrics(out)
     assert [row["epoch"] for row in rows] == [1, 2] and rows[0] == first[0]
-    r = train([*RUN, "--epochs", "3", "--output-dir", out], check=False,
-              extra_env={"TORCHELASTIC_RUN_ID": "job-b", "TORCHELASTIC_RESTART_COUNT": 1})
+    r = train_here([*RUN, "--epochs", "3", "--output-dir", out], status=None,
+                   extra_env={"TORCHELASTIC_RUN_ID": "job-b", "TORCHELASTIC_RESTART_COUNT": 1})
     assert r.returncode == 2 and "holds an earlier run" in r.stderr and metrics(out) == rows
 
 
@@ -330,8 +328,7 @@ def test_the_lock_is_released_when_the_run_ends(tmp_path):
     """In one process (a notebook, a script calling dtrain.main.run): the run's folder is free once it returns."""
     from dtrain.main import run
     out = tmp_path / "run"
-    small = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb",
-             "--no-plots", "--output-dir", str(out)]
+    small = tiny_run(out)
     run([*small, "--epochs", "1"])
     assert not (out / "run.lock").exists()
     assert run([*small, "--epochs", "2", "--resume", "auto"])["epochs"] == 2

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, env, metrics, train
+from helpers import REPO, env, metrics, tiny_run, train_here
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +15,7 @@ def real_run(tmp_path_factory):
     """One real run (cnn on fake data with 5 classes, so no top-5, 2 epochs): its config.json and
     metrics.jsonl are the templates."""
     out = tmp_path_factory.mktemp("real") / "run"
-    train(["--arch", "cnn", "--dataset", "fake", "--num-classes", "5", "--fake-size", "64", "--batch-size", "32",
-           "--epochs", "2", "--workers", "0", "--output-dir", str(out)], timeout=300)
+    train_here(tiny_run(out, "--num-classes", "5", "--epochs", "2"))
     config = json.loads((out / "config.json").read_text())
     rows = metrics(out)
     assert len(rows) == 2 and {"epoch", "step", "val_acc", "epoch_seconds", "train_samples"} <= set(rows[-1])

@@ -10,7 +10,7 @@ from dtrain.errors import UserError
 from dtrain.main import run_output_dir
 from dtrain.report.wandb import WandbSpec
 from dtrain.sweep import combinations, listing
-from helpers import MAIN, launch
+from helpers import run_here, tiny_run, train_here
 
 GRID = ["--arch", "cnn", "--sweep", "lr=0.05,0.1", "--sweep", "hflip=true,false"]
 NO_SLURM = ("SLURM_JOB_NAME", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
@@ -88,21 +88,22 @@ def test_sweep_mistakes_are_user_errors(argv, message):
         build_config(["--arch", "cnn", *argv])
 
 
-def test_sweep_list_prints_each_combination_and_the_array_to_submit(tmp_path):
+def test_sweep_list_prints_each_combination_and_the_array_to_submit(tmp_path, monkeypatch):
     assert listing(["lr=0.05,0.1", "hflip=true,false"]).splitlines() == [
         "0: lr=0.05 hflip=true", "1: lr=0.05 hflip=false", "2: lr=0.1 hflip=true", "3: lr=0.1 hflip=false",
         "4 combinations; submit them with: sbatch --array=0-3 ... (or run each with --sweep-index N)"]
-    r = launch(MAIN, [*GRID, "--sweep", "seed=0,1,2", "--sweep-list"], cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = train_here([*GRID, "--sweep", "seed=0,1,2", "--sweep-list"])
     assert "sbatch --array=0-11" in r.stdout and "11: lr=0.1 hflip=false seed=2" in r.stdout
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_sweep_run_trains_its_combination_into_its_folder_and_re_runs_from_its_config_json(tmp_path):
-    args = ["--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--epochs", "1", "--no-wandb",
-            "--no-plots", "--sweep", "seed=0,1", "--sweep", "lr=0.1"]
-    r = launch(MAIN, ["--arch", "cnn", *args, "--sweep-index", "2"], cwd=tmp_path, check=False)
+def test_a_sweep_run_trains_its_combination_into_its_folder_and_re_runs_from_its_config_json(tmp_path, monkeypatch):
+    args = tiny_run(None, "--epochs", "1", "--sweep", "seed=0,1", "--sweep", "lr=0.1")
+    monkeypatch.chdir(tmp_path)                          # the default folder: runs/ in the working directory
+    r = train_here([*args, "--sweep-index", "2"], status=None)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --sweep-index 2 is past")
-    launch(MAIN, ["--arch", "cnn", *args, "--sweep-index", "1"], cwd=tmp_path)
+    train_here([*args, "--sweep-index", "1"])
     saved = json.loads((tmp_path / "runs" / "cnn-seed1-lr0.1" / "config.json").read_text())
     assert (saved["seed"], saved["lr"], saved["sweep"], saved["sweep_index"]) == (1, 0.1, ["seed=0,1", "lr=0.1"], 1)
     again = build_config(["--recipe", str(tmp_path / "runs" / "cnn-seed1-lr0.1" / "config.json")]).to_dict()
@@ -130,11 +131,12 @@ def test_sweep_values_equal_after_parsing_are_refused_naming_them(spec, named):
         listing(["seed=0,1", spec])
 
 
-def test_a_sweep_argv_with_one_value_twice_ends_in_one_line_before_anything_runs(tmp_path):
+def test_a_sweep_argv_with_one_value_twice_ends_in_one_line_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     args = ["--arch", "cnn", "--dataset", "fake", "--epochs", "1", "--no-wandb", "--sweep", "lr=0.1,0.10"]
     for extra in (["--sweep-list"], ["--sweep-index", "1"]):
-        r = launch(MAIN, [*args, *extra], cwd=tmp_path, check=False)
-        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        r = run_here("main", [*args, *extra], status=2)
+        assert r.stdout == "", r.stdout + r.stderr
         assert r.stderr == "error: --sweep 'lr=0.1,0.10': 0.1 and 0.10 are the same lr (0.1); give each value once\n"
     assert not (tmp_path / "runs").exists()
 

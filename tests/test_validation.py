@@ -3,9 +3,9 @@ run before any training with one line that names the flag, and exit status 2."""
 import pytest
 
 from helpers import cli_error as run_cli
+from helpers import tiny_run
 
-BASE = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "64", "--batch-size", "32", "--no-wandb",
-        "--no-plots", "--epochs", "1"]
+BASE = tiny_run(None, "--epochs", "1")  # "--arch", "cnn" first
 
 BAD_FLAGS = [
     (["--eval-every", "0"], "--eval-every must be at least 1, not 0"),
@@ -47,17 +47,17 @@ BAD_RECIPES = [
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
-def test_bad_flag_values_end_with_one_line_naming_the_flag(flags, message, capsys, tmp_path):
-    line = run_cli([*BASE, "--output-dir", str(tmp_path / "run"), *flags], capsys)
+def test_bad_flag_values_end_with_one_line_naming_the_flag(flags, message, tmp_path):
+    line = run_cli([*BASE, "--output-dir", str(tmp_path / "run"), *flags])
     assert message in line
     assert not (tmp_path / "run").exists()          # refused before anything was set up
 
 
 @pytest.mark.parametrize("setting,message", BAD_RECIPES, ids=[r[0] for r in BAD_RECIPES])
-def test_bad_recipe_values_end_with_one_line_naming_the_setting(setting, message, capsys, tmp_path):
+def test_bad_recipe_values_end_with_one_line_naming_the_setting(setting, message, tmp_path):
     recipe = tmp_path / "mine.toml"
     recipe.write_text(f'arch = "cnn"\n{setting}\n')
-    line = run_cli(["--recipe", str(recipe), *BASE[2:], "--output-dir", str(tmp_path / "run")], capsys)
+    line = run_cli(["--recipe", str(recipe), *BASE[2:], "--output-dir", str(tmp_path / "run")])
     assert message in line
 
 

@@ -1,13 +1,16 @@
-"""Weights & Biases from the main process only; offline when there is no API key; nothing with --no-wandb."""
+"""Weights & Biases from the main process only; offline when there is no API key; nothing with --no-wandb.
+
+Real processes wherever W&B runs: its process-wide set-up reads the environment (HOME, the API key, the mode,
+a sweep agent's run id) once and starts a service process, so each run needs a process of its own."""
 import socket
 from pathlib import Path
 
 import pytest
 
-from helpers import MAIN, launch, metrics
+from helpers import MAIN, launch, metrics, train_here
 
 ARGS = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "128", "--batch-size", "32", "--epochs", "2",
-        "--no-plots", "--log-every", "1"]
+        "--no-plots", "--log-every", "1"]  # W&B on: the default
 
 
 def run(tmp_path: Path, extra_args=(), nproc=1, timeout=300, **env):
@@ -43,7 +46,8 @@ def test_no_key_and_no_mode_runs_offline_and_says_how_to_sync(tmp_path):
 
 
 def test_no_wandb_writes_no_wandb_directory(tmp_path):
-    out, _ = run(tmp_path, ["--no-wandb"], WANDB_MODE="offline")
+    out = tmp_path / "run"
+    train_here([*ARGS, "--output-dir", out, "--no-wandb"], extra_env={"WANDB_MODE": "offline"})
     assert not (out / "wandb").exists() and (out / "metrics.jsonl").exists()
 
 
