@@ -45,3 +45,45 @@ def small_fs(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# ---- the tiers ------------------------------------------------------------------------------------------
+# The fast tier runs dtrain's commands in this process (tests/helpers.py: train_here, run_here). A test that
+# starts a Python interpreter or a shell (dtrain's own commands, accelerate or torchrun, a launcher or bench
+# script, a helper script) belongs to the real-process tier and says so with @pytest.mark.process (a Slurm
+# test with @pytest.mark.slurm): `-m "not process and not slurm and not slow"` is the fast tier. The check
+# below keeps the marks true.
+
+_started: list[str] = []
+_execute_child = subprocess.Popen._execute_child
+
+
+def _starts_an_interpreter(args) -> bool:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    first = os.path.basename(str(argv[0]).split()[0]) if argv else ""
+    if any("compile_worker" in str(a) for a in argv):  # inductor's compile workers, started by torch.compile
+        return False
+    return str(argv[0]) == sys.executable or first.startswith("python") or \
+        first in ("bash", "sh", "sbatch", "srun", "torchrun", "accelerate", "stdbuf", "timeout")
+
+
+def _recording_execute_child(self, args, *rest, **kwargs):
+    if _starts_an_interpreter(args):
+        _started.append(" ".join(map(str, [args] if isinstance(args, (str, bytes)) else args))[:300])
+    return _execute_child(self, args, *rest, **kwargs)
+
+
+subprocess.Popen._execute_child = _recording_execute_child
+
+
+@pytest.fixture(autouse=True)
+def _real_processes_are_marked(request):
+    """A test (with its function-scoped fixtures) that starts an interpreter or a shell must be marked
+    `process` or `slurm`: the fast tier (-m "not process and not slurm") runs in this process."""
+    _started.clear()
+    yield
+    marked = request.node.get_closest_marker("process") or request.node.get_closest_marker("slurm")
+    if _started and not marked:
+        pytest.fail(f"{request.node.nodeid} starts processes of its own ({_started[0]}): mark it "
+                    f"@pytest.mark.process, or run the command in this process (tests/helpers.py: run_here)",
+                    pytrace=False)

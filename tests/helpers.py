@@ -239,8 +239,9 @@ def process_state_kept():
     """A block that may run a command in this process, and after which this process is as before: the
     process-wide state a run sets up (accelerate's AcceleratorState, GradientState and PartialState) is
     reset before and after; torch's default random generator, its thread count, the stop-signal handlers,
-    os.environ, sys.argv and the warning filters are put back; the block shows warnings as a fresh
-    interpreter does (on sys.stderr)."""
+    os.environ, sys.argv and the warning filters are put back; inductor's compile workers that a --compile
+    run started (torch.compile's process pool) are shut down; the block shows warnings as a fresh interpreter
+    does (on sys.stderr)."""
     import torch
     from dtrain.signals import SIGNALS
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
@@ -255,6 +256,9 @@ def process_state_kept():
             yield
     finally:
         reset_accelerate()
+        async_compile = sys.modules.get("torch._inductor.async_compile")
+        if async_compile is not None:
+            async_compile.shutdown_compile_workers()
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -267,15 +271,15 @@ def process_state_kept():
 
 
 def run_here(module: str, argv: list, status: int | None = 0, extra_env: dict | None = None, **patches) -> Ran:
-    """`python dtrain/<module>.py ARGV` (module "main" or "predict") in this process, through the command
-    line's own entry point: dtrain.<module>.main(argv), which ends a UserError with one `error:` line and
+    """`python dtrain/<module>.py ARGV` (module main, predict, export or summarize) in this process, through
+    the command line's own entry point: dtrain.<module>.main(argv), which ends a UserError with one `error:` line and
     exit status 2, a divergence with 3, a lost peer with 4. Its stdout and stderr are captured; the process
     is put back as it was (process_state_kept). It runs as `launch` starts a process: one torch thread, W&B
     off, `extra_env` over that (a value None unsets the variable). `patches` replace names in the module for
     the run (e.g. make_accelerator=...).
 
     An exception that escapes main ends the run as it would end the interpreter: status 1, its traceback on
-    stderr. A status other than `status` fails the test, showing stderr (status None: any non-zero one)."""
+    stderr. A status other than `status` fails the test, showing stderr (None: any, the caller checks it)."""
     import importlib
     import io
     import traceback
@@ -319,10 +323,9 @@ def run_here(module: str, argv: list, status: int | None = 0, extra_env: dict | 
             for name, value in saved.items():
                 setattr(mod, name, value)
     r = Ran([module, *argv], code, out.getvalue(), err.getvalue(), returned[0] if returned and code == 0 else None)
-    if code != status and not (status is None and code != 0):
-        raise AssertionError(f"dtrain.{module}.main({' '.join(argv)}) exited {code}, not "
-                             f"{'non-zero' if status is None else status}\n--- stdout\n{r.stdout[-4000:]}\n"
-                             f"--- stderr\n{r.stderr[-6000:]}")
+    if status is not None and code != status:
+        raise AssertionError(f"dtrain.{module}.main({' '.join(argv)}) exited {code}, not {status}\n"
+                             f"--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-6000:]}")
     return r
 
 

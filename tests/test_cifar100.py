@@ -173,6 +173,7 @@ def hits(out, root, kind) -> tuple[int, int, int]:
     return int((logits.argmax(1) == y).sum()), int(top5.sum()), len(y)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_trains_and_reports_top5_everywhere(c100, tmp_path):
     out = tmp_path / "run"
@@ -206,6 +207,7 @@ def test_trains_and_reports_top5_everywhere(c100, tmp_path):
         assert float(next(csv.DictReader(f))["final_top5_mean"]) == pytest.approx(row["val_top5"])
 
 
+@pytest.mark.process
 def test_coarse_labels_on_two_processes_count_each_image_once(tmp_path):
     """20 superclasses, 101 test images split over 2 processes: top-5 counts each image once."""
     root = write_cifar100(tmp_path / "data", n_train=200, n_test=101)

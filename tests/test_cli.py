@@ -27,6 +27,7 @@ def assert_one_run(out, text):
     assert load_checkpoint(out / "last.pt")["arch"] == "cnn"
 
 
+@pytest.mark.process
 def test_help_lists_the_commands():
     r = run([sys.executable, "-m", "dtrain", "--help"], timeout=60)
     assert "train" in r.stdout and "predict" in r.stdout
@@ -47,6 +48,7 @@ def test_cli_main_function(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.process
 def test_python_m_dtrain_train_then_predict(tmp_path):
     out = tmp_path / "run"
     r = run([sys.executable, "-m", "dtrain", "train", *FAKE, "--output-dir", str(out)])
@@ -60,12 +62,14 @@ def test_python_m_dtrain_train_then_predict(tmp_path):
     assert all(line.split()[0].endswith("%") for line in lines[at + 1: at + 4]), r.stdout
 
 
+@pytest.mark.process
 def test_python_m_dtrain_reports_a_user_error_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dtrain", "train", "--arch", "resnet1000", "--dataset", "fake"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown arch 'resnet1000'"), r.stderr
 
 
+@pytest.mark.process
 def test_accelerate_launch_m_dtrain_train_is_one_two_process_run(tmp_path):
     out = tmp_path / "run"
     r = launch("-m", ["dtrain", "train", *FAKE, "--output-dir", str(out)], nproc=2)
@@ -73,6 +77,7 @@ def test_accelerate_launch_m_dtrain_train_is_one_two_process_run(tmp_path):
     assert_one_run(out, r.stdout)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_torchrun_m_dtrain_train_is_one_two_process_run(tmp_path):
     out = tmp_path / "run"

@@ -48,7 +48,7 @@ def diverged_exit(r, nproc):
     return int(root.group(1)) if root else r.returncode
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.process)])
 def test_divergence_exits_3_naming_the_step_and_the_last_good_checkpoint(tmp_path, nproc):
     out = tmp_path / "run"
     if nproc == 1:
@@ -71,6 +71,7 @@ def test_divergence_exits_3_naming_the_step_and_the_last_good_checkpoint(tmp_pat
     assert rows and rows[0]["epoch"] == 1 and math.isfinite(rows[0]["train_loss"])
 
 
+@pytest.mark.process
 def test_divergence_in_the_first_epoch_saves_nothing_and_says_so(tmp_path):
     """A real process (python dtrain/main.py): exit status 3 as the shell sees it."""
     out = tmp_path / "run"

@@ -23,6 +23,7 @@ def assert_same_weights(a, b, atol):
     assert worst <= atol, f"weights differ by up to {worst}"
 
 
+@pytest.mark.process
 def test_two_process_run_trains_checkpoints_once_and_resumes(cifar_dir, tmp_path):
     out = tmp_path / "run"
     r = train(tiny(cifar_dir, "--epochs", "1", "--output-dir", str(out)), nproc=2)
@@ -44,6 +45,7 @@ def test_two_process_run_trains_checkpoints_once_and_resumes(cifar_dir, tmp_path
     assert load_checkpoint(out / "last.pt")["step"] == 15
 
 
+@pytest.mark.process
 def test_one_and_two_processes_end_with_the_same_weights(cifar_dir, tmp_path):
     """Same global batch, no augmentation, no batch statistics: DDP on 2 processes is the 1-process run."""
     args = tiny(cifar_dir, "--norm", "group", "--no-augment", "--epochs", "2", "--lr", "0.05")
@@ -60,6 +62,7 @@ def test_one_and_two_processes_end_with_the_same_weights(cifar_dir, tmp_path):
     assert m1[-1]["val_acc"] == pytest.approx(m2[-1]["val_acc"])
 
 
+@pytest.mark.process
 def test_gradient_accumulation_equals_the_full_batch(cifar_dir, tmp_path):
     """--grad-accum 2 on 2 processes (10 images per micro-batch) trains like 1 process with batch 40."""
     args = tiny(cifar_dir, "--norm", "group", "--no-augment", "--epochs", "1", "--lr", "0.05")
@@ -110,7 +113,7 @@ def one_process_evaluation(tmp_path_factory) -> tuple[dict, float, float]:
     return row, acc, torch.nn.functional.cross_entropy(logits, val.labels).item()
 
 
-@pytest.mark.parametrize("nproc", [1, 2, 3])
+@pytest.mark.parametrize("nproc", [1, *(pytest.param(n, marks=pytest.mark.process) for n in (2, 3))])
 def test_evaluation_counts_every_image_once(one_process_evaluation, tmp_path, nproc):
     """1,001 validation images on 1, 2 and 3 processes: each counted once, the accuracy and loss of the
     (unchanged, seeded) model on all of them."""
@@ -141,6 +144,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(cifar_dir, tmp_path):
     assert [r["step"] for r in b] == [5, 10]
 
 
+@pytest.mark.process
 def test_plateau_steps_once_per_epoch_on_two_processes(cifar_dir, tmp_path):
     """ReduceLROnPlateau-style: patience 0 on a metric that cannot improve halves the LR once per epoch."""
     out = tmp_path / "plateau"
@@ -169,6 +173,7 @@ acc.end_training()  # shut the process group down, as the entry points do
 """
 
 
+@pytest.mark.process
 def test_gather_when_a_process_has_no_samples(tmp_path):
     """Fewer images than processes (2 on 3): the empty process must neither hang nor break the gather."""
     probe = tmp_path / "probe.py"

@@ -32,6 +32,7 @@ def test_missing_dataset_names_the_path(tmp_path):
     assert str(tmp_path / "absent") in err and "cifar-10-batches-py" in err
 
 
+@pytest.mark.process
 def test_global_batch_must_divide_over_processes(cifar_dir, tmp_path):
     err = fails(base(cifar_dir, tmp_path / "run", "--batch-size", "41"), nproc=2)
     assert "--batch-size 41 is the global batch" in err

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, env, predict_here, tiny_run, train_here, write_cifar
+from helpers import REPO, env, predict_here, run_here, tiny_run, train_here, write_cifar
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def trained(tmp_path_factory):
     return data, out / "best.pt"
 
 
-def export(*args, extra_env=None):
-    return subprocess.run([sys.executable, "-m", "dtrain.export", *map(str, args)], capture_output=True, text=True,
-                          env=env(**(extra_env or {})), cwd=REPO, timeout=300)
+def export(*args):
+    """dtrain export ARGS, in this process (its exit status, stdout and stderr)."""
+    return run_here("export", list(args), status=None)
 
 
 def labelled_split(ckpt, data):
@@ -96,6 +96,7 @@ def test_onnx_agrees_with_torch_on_generated_images_at_any_batch_size(trained, t
         assert (got.argmax(1) == want[: len(batch)].argmax(1)).all()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_onnx_gives_the_top1_of_dtrain_predict_on_real_images(trained, shared_data, tmp_path):
     pytest.importorskip("onnxruntime")
@@ -144,13 +145,16 @@ def test_errors_are_one_clear_line(trained, tmp_path):
         load_safetensors(fake)
 
 
+@pytest.mark.process
 def test_onnx_without_the_extra_says_how_to_install_it(trained, tmp_path):
     _, best = trained
     shadow = tmp_path / "shadow" / "onnxruntime"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
-    r = export(best, "--format", "onnx", "--output", tmp_path / "m.onnx",
-               extra_env={"PYTHONPATH": f"{tmp_path / 'shadow'}:{REPO}"})
+    # a real process: an interpreter that finds the shadow package first
+    r = subprocess.run([sys.executable, "-m", "dtrain.export", str(best), "--format", "onnx", "--output",
+                        str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env=env(PYTHONPATH=f"{tmp_path / 'shadow'}:{REPO}"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert 'pip install -e ".[export]"' in r.stderr
     assert not (tmp_path / "m.onnx").exists()

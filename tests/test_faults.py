@@ -55,6 +55,7 @@ def assert_saved_mid_epoch(out: Path, text: str, sig) -> None:
     assert (ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]) == (0, step, batch)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig,again", [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGTERM, 0.3)],
                          ids=["sigterm", "ctrl-c", "sigterm-twice"])
 def test_stop_signal_to_the_group_with_workers_saves_and_exits_0(image_folder, tmp_path, sig, again):
@@ -69,6 +70,7 @@ def test_stop_signal_to_the_group_with_workers_saves_and_exits_0(image_folder, t
         assert "Ctrl-C: saving last.pt at the next step" in text
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_stop_signal_to_the_group_of_two_processes_saves(image_folder, tmp_path, sig):
     """Two processes under accelerate launch: the launcher forwards the signal once more to its workers,
@@ -238,6 +240,7 @@ def test_pretrained_with_a_weights_file_needs_no_hub_cache(tmp_path, monkeypatch
         build_model("tv:resnet18", 3, pretrained=True)
 
 
+@pytest.mark.process
 def test_disk_full_on_the_main_process_ends_every_process_with_the_same_line(small_fs):
     """Only the main process writes checkpoints: its error reaches the other process, which would otherwise
     wait for it until the collective timeout."""
@@ -255,6 +258,7 @@ def test_disk_full_on_the_main_process_ends_every_process_with_the_same_line(sma
     assert (out / "last.pt").read_bytes() == before
 
 
+@pytest.mark.process
 def test_save_every_minutes_saves_mid_epoch_and_a_kill_9_resumes_there(tmp_path):
     """--save-every-minutes: last.pt is written mid-epoch while training runs, so a kill -9 loses at most
     that much work; --resume auto continues from the saved batch."""

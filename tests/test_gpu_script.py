@@ -44,6 +44,7 @@ def test_shellcheck_accepts_gpu_sh():
     assert SCRIPT.read_text().startswith("#!/usr/bin/env bash\n") and os.access(SCRIPT, os.X_OK)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_quick_run_writes_a_summary_row_for_every_part(tmp_path):
     """`bash bench/gpu.sh --quick` on generated data: every part runs at toy size or says why not, $OUT holds

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dtrain.signals import SIGNALS
-from helpers import metrics, process_state_kept, reset_accelerate, run_here, tiny_run, train_here
+from helpers import children, metrics, process_state_kept, reset_accelerate, run_here, tiny_run, train_here
 
 
 def handlers() -> dict:
@@ -53,8 +53,9 @@ def test_a_run_reports_its_exit_status_and_output_like_a_process(tmp_path):
 def test_an_unexpected_exit_fails_the_test_with_stderr(tmp_path):
     with pytest.raises(AssertionError, match=r"exited 2, not 0(.|\n)*error: unknown arch 'resnet1000'"):
         train_here(tiny_run(tmp_path / "run", arch="resnet1000"))
-    with pytest.raises(AssertionError, match="exited 0, not non-zero"):
-        run_here("main", ["--list-recipes"], status=None)
+    with pytest.raises(AssertionError, match="exited 0, not 2"):
+        run_here("main", ["--list-recipes"], status=2)
+    assert run_here("main", ["--arch", "resnet1000"], status=None).returncode == 2    # None: the caller checks
 
 
 def test_an_exception_that_escapes_main_is_status_1_with_its_traceback(tmp_path):
@@ -96,6 +97,28 @@ def test_state_that_a_run_changes_is_put_back_by_the_helper():
     assert torch.equal(torch.get_rng_state(), before[0])
     assert (torch.get_num_threads(), handlers(), dict(os.environ)) == before[1:]
     assert accelerate_state() == (0, 0)
+
+
+def test_a_compile_run_leaves_no_compile_workers_behind(tmp_path, monkeypatch):
+    """--compile starts inductor's pool of compile-worker processes (dtrain.compiled.start_workers, on a machine
+    with more than one core); the helper shuts it down after the run."""
+    started = []
+
+    def start_workers():
+        start()
+        started.extend(children(os.getpid()))
+    import dtrain.compiled
+    start = dtrain.compiled.start_workers
+    monkeypatch.setattr(dtrain.compiled, "start_workers", start_workers)
+    monkeypatch.setattr(torch, "compile", lambda model=None, **kwargs: model)    # no compiling itself
+    from torch._inductor.async_compile import get_compile_threads
+    before = children(os.getpid())
+    train_here(tiny_run(tmp_path / "run", "--max-steps", "1", "--compile", size=32, batch=16))
+    assert set(started) > set(before) or get_compile_threads() <= 1       # the pool did start
+    deadline = time.monotonic() + 30
+    while children(os.getpid()) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert children(os.getpid()) == before, f"started {started}"
 
 
 # ---- what dtrain.main.main itself leaves behind (no helper putting it back) ---------------------------------

@@ -249,6 +249,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.process
 def test_two_process_training_builds_the_cache_once(tmp_path):
     root = write_kaggle(tmp_path / "k", n_train=120)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}

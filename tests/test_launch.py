@@ -102,6 +102,7 @@ def run_training(cmd: list[str], out: Path, env: dict, timeout: float = 240) -> 
     return text
 
 
+@pytest.mark.process
 def test_torchrun_sh_one_process_per_gpu_nvidia_smi_reports(tmp_path):
     """launch/torchrun.sh asks nvidia-smi for the GPU count; on this CPU machine a stub reports 2,
     so torchrun starts 2 (CPU, gloo) processes: one DDP run."""
@@ -143,6 +144,7 @@ def torchrun_sh(tmp_path, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.process
 def test_torchrun_sh_without_gpus_is_one_cpu_process(tmp_path):
     r = torchrun_sh(tmp_path)
     assert r.returncode == 0, r.stderr
@@ -152,6 +154,7 @@ def test_torchrun_sh_without_gpus_is_one_cpu_process(tmp_path):
     assert f"OMP={len(os.sched_getaffinity(0))} " in r.stdout, r.stdout     # all CPUs to the one process
 
 
+@pytest.mark.process
 def test_accelerate_cpu_config_runs_two_processes(tmp_path):
     out = tmp_path / "run"
     text = run_training(["accelerate", "launch", "--config_file", str(CONFIGS / "cpu.yaml"), "dtrain/main.py", *TINY,
@@ -167,6 +170,7 @@ def node_sh(tmp_path, **env) -> subprocess.CompletedProcess:
                           env={**base, **env}, capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.process
 def test_node_sh_one_process_per_slurm_gpu_with_rendezvous(tmp_path):
     r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="4", SLURMD_NODENAME="gpu01", SLURM_GPUS_ON_NODE="4",
                 SLURM_CPUS_PER_TASK="32")
@@ -181,6 +185,7 @@ def test_node_sh_one_process_per_slurm_gpu_with_rendezvous(tmp_path):
     assert "--rdzv-conf=is_host=0" in other.stdout
 
 
+@pytest.mark.process
 def test_node_sh_single_node_cpu_and_overrides(tmp_path):
     r = node_sh(tmp_path, SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="8")
     assert r.returncode == 0, r.stderr
@@ -196,6 +201,7 @@ UUIDS = "GPU-6b1ad4a0-32f5-4e8b-9b1c-1f2e3d4c5b6a,GPU-0c9d8e7f-6a5b-4c3d-2e1f-0a
 MIG = "MIG-8d6a4c2e-1b3f-5a7c-9e0d-2f4b6d8a0c1e"
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("launcher", [torchrun_sh, node_sh], ids=["torchrun.sh", "_node.sh"])
 @pytest.mark.parametrize("env, processes, source", [
     ({"CUDA_VISIBLE_DEVICES": "0,1"}, 2, "CUDA_VISIBLE_DEVICES='0,1'"),
@@ -232,6 +238,7 @@ def slurm_bin(tmp_path) -> Path:
     return bin_dir
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("user_value", [None, "3"])
 def test_slurm_leaves_nccl_error_handling_to_torch_and_passes_the_users_setting_through(tmp_path, user_value):
     """slurm/_launch.sh -> srun -> slurm/_node.sh -> the launcher: dtrain sets no TORCH_NCCL_ASYNC_ERROR_HANDLING
@@ -252,6 +259,7 @@ def launch_sh(script: str, **env) -> subprocess.CompletedProcess:
                           env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.process
 def test_launch_sh_requeue_id_and_flags():
     assert launch_sh("dtrain_job_key", SLURM_JOB_ID="77").stdout == "77\n"
     # An array task is requeued as ARRAYJOB_TASK, not by its own job id.
@@ -262,6 +270,7 @@ def test_launch_sh_requeue_id_and_flags():
     assert r.stdout.split() == ["yes", "no"]
 
 
+@pytest.mark.process
 def test_slurm_scripts_outside_slurm_say_how_to_submit():
     env = clean_env()
     r = subprocess.run(["bash", "slurm/cifar.sh", "--arch", "cnn"], cwd=REPO, env=env, capture_output=True,

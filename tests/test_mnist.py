@@ -158,6 +158,7 @@ def test_one_channel_run_end_to_end(tmp_path):
     assert ckpt["config"]["recipe"] == "mnist-cnn"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_mnist_cnn_deep_recipe_reaches_98_percent_on_real_digits(tmp_path):
     """The goal: 4,000 real training digits, 1,000 real test digits, the shipped recipe (fewer epochs)."""

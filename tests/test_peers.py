@@ -27,6 +27,7 @@ def rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_frozen_peer_ends_the_job_after_dist_timeout_naming_it(tmp_path):
     out = tmp_path / "run"
@@ -98,6 +99,7 @@ def test_lost_peer_messages_name_the_peer_when_known():
     assert lost_peer_message(ValueError("gloo timeout"), 0, 2, 20) is None
 
 
+@pytest.mark.process
 def test_dist_timeout_reaches_the_process_group_and_the_stop_signal_group(tmp_path):
     """Two real processes on gloo: rank 1 joins no collective; rank 0's all-reduces on the default group and
     on the stop-signal group time out after 3 s (not torch's 30 minutes), while rank 1 still lives."""

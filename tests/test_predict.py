@@ -66,6 +66,7 @@ def checkpoint(kdir, tmp_path_factory) -> Path:
     return out / "last.pt"
 
 
+@pytest.mark.process
 def test_one_and_three_processes_write_identical_csvs(kdir, checkpoint, tmp_path):
     r = predict(["--checkpoint", checkpoint, "--data-dir", kdir, "--prepare", "--cache-dir", tmp_path / "c"])
     assert "prepared 1,000 images" in r.stdout and not list(tmp_path.glob("*.csv"))
@@ -110,6 +111,7 @@ def test_numeric_order_junk_and_the_sample_submission_format(kdir, checkpoint, t
     assert (tmp_path / "sub2.csv").read_bytes().decode() == text.replace("\r\n", "\n")
 
 
+@pytest.mark.process
 def test_corrupt_png_fails_naming_it_and_leaves_no_csv(checkpoint, tmp_path):
     root = tmp_path / "k"
     write_test(root / "test", range(1, 31))
@@ -257,6 +259,7 @@ def test_bad_arguments(kdir, tmp_path):
     assert r.returncode == 2 and "x.pt" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_trained_then_predicted_on_real_images_beats_chance(tmp_path):
     if not (SHARED / "export.py").is_file():

@@ -7,6 +7,7 @@ import pytest
 from helpers import metrics, tiny_run, train_here
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_cnn_learns_real_cifar(shared_data, tmp_path):
     """5,000 real training images, 3 epochs (about a minute on one core): >= 40% on 1,000 real test images

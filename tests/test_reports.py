@@ -69,6 +69,9 @@ def test_tensorboard_resume_purges_the_killed_runs_later_steps(tmp_path):
     for st in range(1, 11):                      # ran to step 10, but the checkpoint it left is at step 6
         first.step(st, {"loss": 1.0, "lr": 0.1, "images_per_second": 5.0})
     first.close()
+    # the resumed run starts later than the killed one: its event file sorts after the first by its time stamp
+    # (in the same second the files' order would be that of a per-process counter, 9 before 10)
+    time.sleep(1.1)
     second = TensorBoardReporter(tmp_path, resumed=True)
     second.start(cfg, info)
     for st in range(7, 13):

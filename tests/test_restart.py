@@ -47,6 +47,7 @@ def launcher_args(cmd: list[str], tmp_path: Path, **extra) -> list[str]:
     return r.stdout.split("ARGS=")[1].split()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("cmd", [["bash", "launch/torchrun.sh"], ["bash", "slurm/_node.sh", "dtrain/main.py"]])
 def test_launchers_restart_lost_workers_and_honour_torchrun_args(cmd, tmp_path):
     for nodes in ("1", "2"):
@@ -63,6 +64,7 @@ def test_launchers_restart_lost_workers_and_honour_torchrun_args(cmd, tmp_path):
     assert args[-2:] == ["--arch", "cnn"]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_torchrun_sh_recovers_from_a_lost_worker_every_time(tmp_path):
     """kill -9 one of two workers, three times in one run: each time torchrun restarts the group, which
@@ -113,6 +115,7 @@ def torchrun_sh(args: list, timeout: int = 300) -> subprocess.CompletedProcess:
 SMALL = tiny_run()
 
 
+@pytest.mark.process
 def test_a_restart_does_not_continue_another_runs_folder(tmp_path):
     """A new job under launch/torchrun.sh into a finished run's folder is refused on every attempt: its
     restarts (TORCHELASTIC_RESTART_COUNT > 0) do not count as continuing that run."""
@@ -125,6 +128,7 @@ def test_a_restart_does_not_continue_another_runs_folder(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.process
 def test_an_error_a_restart_cannot_fix_ends_the_restarts_at_once(tmp_path):
     """A divergence trains once: the restarts that torchrun makes of the job stop before loading any data."""
     out = tmp_path / "run"

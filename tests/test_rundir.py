@@ -98,6 +98,7 @@ def earlier(finished, tmp_path) -> Path:
 
 # ---- one run at a time ------------------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_second_run_into_a_running_runs_folder_is_refused_at_once_naming_the_first(tmp_path):
     out = tmp_path / "run"
     first = start([MAIN, *LONG, "--output-dir", out])
@@ -116,6 +117,7 @@ def test_second_run_into_a_running_runs_folder_is_refused_at_once_naming_the_fir
     assert not (out / "run.lock").exists()
 
 
+@pytest.mark.process
 def test_lock_left_by_kill_9_is_taken_over_and_said_so(tmp_path):
     out = tmp_path / "run"
     first = start([MAIN, *LONG, "--output-dir", out])
@@ -131,6 +133,7 @@ def test_lock_left_by_kill_9_is_taken_over_and_said_so(tmp_path):
     assert not (out / "run.lock").exists()
 
 
+@pytest.mark.process
 def test_holder_script_refuses_a_second_holder_and_releases_on_exit(tmp_path):
     out = tmp_path / "run"
     first = start(["-c", HOLDER, out])
@@ -184,6 +187,7 @@ def test_fresh_lock_of_another_host_is_refused(tmp_path):
     assert json.loads(lock.read_text())["token"] == "theirs"
 
 
+@pytest.mark.process
 def test_same_host_lock_is_judged_by_its_pid(tmp_path):
     said = []
     me = socket.gethostname()
@@ -257,6 +261,7 @@ def test_new_run_into_a_finished_runs_folder_is_refused_and_leaves_it_untouched(
     assert files(earlier) == before
 
 
+@pytest.mark.process
 def test_two_process_run_into_a_finished_runs_folder_is_refused_on_every_rank(earlier):
     before = files(earlier)
     r = train([*RUN, "--epochs", "2", "--output-dir", earlier], nproc=2, check=False, timeout=240)

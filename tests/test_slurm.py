@@ -573,6 +573,7 @@ def test_sbatch_wait_exits_0(ddp_job):
     assert rc == 0, waiter.stderr.read()
 
 
+@pytest.mark.process
 def test_sigterm_plain_run_saves_and_stops(tmp_path):
     """No Slurm: SIGTERM to `python dtrain/main.py` saves last.pt at the next step and exits 0
     (nothing to requeue: the run continues with --resume auto, as the Slurm test shows)."""

@@ -1,13 +1,11 @@
 """dtrain summarize: run folders in the format a real training run writes, grouped and averaged."""
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from helpers import REPO, env, metrics, tiny_run, train_here
+from helpers import metrics, run_here, tiny_run, train_here
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +35,8 @@ def make_run(root, name, template, accs, epochs=None, **settings):
 
 
 def summarize(paths, out):
-    r = subprocess.run([sys.executable, "-m", "dtrain.summarize", *map(str, paths), "--out", str(out)],
-                       capture_output=True, text=True, env=env(COLUMNS=200), cwd=REPO, timeout=120)
-    return r
+    """dtrain summarize PATHS --out OUT in this process, 200 columns wide (its exit status, stdout, stderr)."""
+    return run_here("summarize", [*paths, "--out", out], status=None, extra_env={"COLUMNS": 200})
 
 
 def read_csv(path):
@@ -229,8 +226,7 @@ def test_unlike_runs_show_only_the_settings_that_separate_them_and_a_plot_with_i
             epochs = settings.pop("epochs")
             accs = [min(0.95, factor / 4 + e / epochs / 2) for e in range(1, epochs + 1)]
             make_run(runs, f"{recipe}-{factor}", real_run, accs, epochs=epochs, **settings)
-    r = subprocess.run([sys.executable, "-m", "dtrain.summarize", str(runs), "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, env=env(COLUMNS=120), cwd=REPO, timeout=120)
+    r = run_here("summarize", [runs, "--out", tmp_path / "out"], status=None, extra_env={"COLUMNS": 120})
     assert r.returncode == 0 and r.stderr == "", r.stderr
     rows = read_csv(tmp_path / "out" / "summary.csv")
     assert len(rows) == 30 and len({row["group"] for row in rows}) == 30

@@ -25,6 +25,7 @@ def offline_runs(out: Path) -> list[Path]:
     return sorted((out / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.process
 def test_offline_mode_on_two_processes_makes_one_run_with_the_metrics(tmp_path):
     out, _ = run(tmp_path, nproc=2, WANDB_MODE="offline")
     runs = offline_runs(out)
@@ -34,6 +35,7 @@ def test_offline_mode_on_two_processes_makes_one_run_with_the_metrics(tmp_path):
         assert key in data, key
 
 
+@pytest.mark.process
 def test_no_key_and_no_mode_runs_offline_and_says_how_to_sync(tmp_path):
     out, r = run(tmp_path)
     assert len(offline_runs(out)) == 1
@@ -51,6 +53,7 @@ def test_no_wandb_writes_no_wandb_directory(tmp_path):
     assert not (out / "wandb").exists() and (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_api_key_without_network_trains_offline_into_a_fresh_run(tmp_path):
     """A W&B server that accepts connections and never answers (a black-holed network): the run trains,
@@ -68,6 +71,7 @@ def test_api_key_without_network_trains_offline_into_a_fresh_run(tmp_path):
     assert list(runs[0].glob("*.wandb")) and len(metrics(out)) == 1
 
 
+@pytest.mark.process
 def test_under_a_sweep_agent_the_id_file_holds_the_run_the_agent_chose(tmp_path):
     """A W&B agent sets WANDB_SWEEP_ID and WANDB_RUN_ID for each trial; the id file must name the run W&B
     started, not one dtrain made up."""
