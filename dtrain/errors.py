@@ -4,6 +4,7 @@ Exit codes: 0 done (also after a stop signal, with last.pt saved); 2 a UserError
 folder; nothing trained, or the last checkpoint kept), also a second Ctrl-C; 3 TrainingDiverged (the loss
 or the weights became NaN or infinite; the last good checkpoint kept); 4 a lost or frozen peer process.
 """
+import os
 import sys
 
 from dtrain.signals import StartupStopped
@@ -37,6 +38,9 @@ def run_command(run, argv=None) -> None:
         message, status = "interrupted", EXIT_USER_ERROR
     except StartupStopped as e:
         print(e, flush=True)  # the run's own line, like a stop during training: on stdout, exit 0
+        message, status = None, 0
+    except BrokenPipeError:  # a listing piped into a reader that stopped early (| head): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         message, status = None, 0
     except RuntimeError as e:
         message, status = _lost_peer(e), EXIT_PEER_LOST

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dtrain import compiled, settings
+from dtrain import compiled, muon, settings
 from dtrain.checkpoint import data_fingerprint, model_meta
 from dtrain.checkpointer import Checkpointer
 from dtrain.compiled import CompileSpec
@@ -222,6 +222,8 @@ def train(cfg, stop: StopSignal) -> dict:
         elif cfg.resume == "auto":
             reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
         reporters.start(cfg, run_info(acc, data, module, batch, out, compile_spec))
+        if cfg.optimizer == "muon":  # two optimisers in one: say which weights each takes, at which LR and decay
+            reporters.message(f"optimiser: {muon.describe(getattr(optimizer, 'optimizer', optimizer))}")
         try:
             summary = trainer.fit()
         finally:

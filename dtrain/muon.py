@@ -122,10 +122,11 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
 
 
 def describe(optimizer: MuonWithAuxiliary) -> str:
-    """Each group's algorithm, size, learning rate and weight decay, for the start-up line."""
+    """Each group's algorithm, size, learning rate (before the schedule) and weight decay, for the start-up line."""
     parts = []
     for g in optimizer.param_groups:
         n = sum(p.numel() for p in g["params"])
-        parts.append(f"{g['algorithm']} on {n:,} parameters (lr {g['lr']:.3g}, weight decay {g['weight_decay']:g})")
+        lr = g.get("initial_lr", g["lr"])
+        parts.append(f"{g['algorithm']} on {n:,} parameters (lr {lr:.3g}, weight decay {g['weight_decay']:.3g})")
     return "; ".join(parts)
 

@@ -12,7 +12,7 @@ from dtrain import sam
 from dtrain.checkpoint import load_checkpoint
 from dtrain.muon import MuonWithAuxiliary, matrix, muon_groups
 from dtrain.swa import SWA
-from helpers import train, train_here
+from helpers import tiny_run, train, train_here
 
 
 def tiny_net(seed=0) -> nn.Module:
@@ -106,8 +106,8 @@ def test_muon_update_of_a_weight_is_orthogonal(layout):
     assert s.min() > 0.4 and s.max() < 1.6, s
 
 
-TINY = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "96", "-b", "16", "--workers", "0", "--epochs", "3",
-        "--scheduler", "none", "--lr", "0.05"]
+def tiny(out, *extra):
+    return tiny_run(out, "--epochs", "3", "--scheduler", "none", "--lr", "0.05", *extra, size=96, batch=16)
 
 
 @pytest.mark.parametrize("extra", [["--sam", "0.05", "--sam-adaptive"], ["--swa-start", "1", "--swa-lr", "0.02"],
@@ -116,9 +116,9 @@ TINY = ["--arch", "cnn", "--dataset", "fake", "--fake-size", "96", "-b", "16", "
 def test_resume_is_exact_with(extra, tmp_path):
     """Stopped mid-epoch 2 (--max-steps) and resumed == straight, bit for bit (SWA's average included)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train_here([*TINY, *extra, "--output-dir", straight])
-    train_here([*TINY, *extra, "--max-steps", "9", "--output-dir", split])
-    train_here([*TINY, *extra, "--resume", "auto", "--output-dir", split])
+    r = train_here(tiny(straight, *extra))
+    train_here(tiny(split, *extra, "--max-steps", "9"))
+    train_here(tiny(split, *extra, "--resume", "auto"))
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
     assert a["step"] == b["step"] == 18
     for key in ("model", "train_model") if "train_model" in a else ("model",):
@@ -126,6 +126,10 @@ def test_resume_is_exact_with(extra, tmp_path):
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     if "--swa-start" in extra:
         assert a["swa"]["count"] == b["swa"]["count"] == 2
+    if "muon" in extra:  # the start-up names each group: Muon's at --muon-lr, the rest at --lr (x4 for biases)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("optimiser: "))
+        assert line.startswith("optimiser: muon on ") and "(lr 0.02," in line and "sgd on" in line, line
+        assert "(lr 0.05," in line and "(lr 0.2," in line, line
 
 
 def test_sam_on_one_process_with_two_micro_batches_trains_like_two_processes(cifar_dir, tmp_path):
