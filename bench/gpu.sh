@@ -13,7 +13,7 @@
 # Environment: OUT (default runs/gpu-sh), GPU_SH_WORK (scratch, default a new temp folder, removed at the
 # end unless GPU_SH_KEEP=1), GPU_SH_DATA (folder holding cifar10_jpeg.npz and export.py, default .devdata,
 # else ../shared/data; "generate": a generated npz, --quick only), GPU_SH_BUDGET (seconds, default 520;
-# --quick 570), GPU_SH_PYTHON (default python3: on the GPU machine the python3 that holds torch).
+# --quick 840), GPU_SH_PYTHON (default python3: on the GPU machine the python3 that holds torch).
 #
 # Preparation, once, on the CPU machine, in the repository root of the checkout that makes the call
 # (both folders are git-ignored; the GPU machine has no package registry, no internet, no wandb login):
@@ -60,7 +60,7 @@
 # Host syncs, (b) and (g'), are counted in-process by bench/gpu_checks.py under
 # torch.cuda.set_sync_debug_mode("warn"), per step (per batch) and per call site. --quick runs every part
 # at toy size on the CPU (64 train / 32 test images, a few steps, the small `cnn` in place of ResNet18 under
-# the same recipes, fp32, OMP_NUM_THREADS=1; budget 570 s, 150 s a part): what needs CUDA (the sync counts,
+# the same recipes, fp32, OMP_NUM_THREADS=1; budget 840 s, 240 s a part): what needs CUDA (the sync counts,
 # fp16, airbench's train94) and the compiled pass (minutes of compiling on a few cores) are skipped with the
 # reason in summary.md.
 set -uo pipefail
@@ -260,9 +260,9 @@ part_f_resnet18_seed1() {
 part_g_predict() {
     local total=300000 plain=20000 precision=bf16 extra=() t0
     if quick; then
-        total=256
-        plain=256
-        extra=(--batch-size 64 --workers 2)
+        total=128
+        plain=128
+        extra=(--batch-size 64 --workers 0)
     fi
     cuda || precision=no
     find_checkpoint || return
@@ -439,10 +439,10 @@ main() {
     GPU_SH_CUDA=0
     local budget=${GPU_SH_BUDGET:-520} cuts
     if [[ $GPU_SH_QUICK == 1 ]]; then
-        budget=${GPU_SH_BUDGET:-570}
+        budget=${GPU_SH_BUDGET:-840}
         for id in "${ORDER[@]}"; do
             NEED[$id]=5
-            CAP[$id]=150
+            CAP[$id]=240
         done
         cuts="--quick: toy sizes on the CPU, 1 seed; c-compiled and f-resnet18-seed1 skipped, and what needs CUDA"
     else

@@ -83,18 +83,22 @@ def cpu_group():
     return group
 
 
-def leave_process_groups() -> None:
+def leave_process_groups() -> bool:
     """Destroy the gloo process groups still open, as a command ends (dtrain.errors.run_command calls it),
-    whichever way it ends. Left to the interpreter's teardown, a gloo worker thread still running there
-    aborts the process ("terminate called without an active exception", SIGABRT), and the launcher reports
-    a crash instead of the exit status. Gloo's destroy is local to the process; an NCCL group is left as it
-    is (its teardown may wait for a peer that is gone)."""
+    whichever way it ends. Gloo's destroy is local to the process; an NCCL group is left as it is (its
+    teardown may wait for a peer that is gone). True when this process was one of several: then it must end
+    without the interpreter's teardown (dtrain.errors.run_command does so). A gloo worker thread can still be
+    dropping the tensors of the last collective, which takes the GIL; during the teardown that thread is
+    ended inside torch's C++ code, which aborts the process ("terminate called without an active
+    exception", SIGABRT), and the launcher reports a crash instead of the exit status."""
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if dist.is_available() and dist.is_initialized():
         groups = [None] if dist.get_backend() == "gloo" else _gloo_groups  # None: every group
         with contextlib.suppress(Exception):  # the process is exiting: its own error is the one to show
             for group in groups:
                 dist.destroy_process_group(group)
     _gloo_groups.clear()
+    return several
 
 
 _TIMED_OUT = re.compile(r"timed out|timeout", re.I)

@@ -4,6 +4,7 @@ Exit codes: 0 done (also after a stop signal, with last.pt saved); 2 a UserError
 folder; nothing trained, or the last checkpoint kept), also a second Ctrl-C; 3 TrainingDiverged (the loss
 or the weights became NaN or infinite; the last good checkpoint kept); 4 a lost or frozen peer process.
 """
+import contextlib
 import os
 import sys
 
@@ -26,10 +27,12 @@ def run_command(run, argv=None) -> None:
     """Run a command's `run(argv)` (train, predict, summarize, export) and end it the dtrain way: a UserError
     (or Ctrl-C) with one line on stderr and exit status 2, a TrainingDiverged with one line and 3, a
     collective that failed on a lost or frozen peer with one line naming it and 4. Whichever way it ends,
-    the process groups it made are left first (dtrain.distributed, when the command used it)."""
+    the process groups it made are left first (dtrain.distributed, when the command used it); a process of
+    a multi-process job then ends without the interpreter's teardown (leave_process_groups says why)."""
+    several = False
     try:
         run(argv)
-        return
+        message, status = None, None
     except UserError as e:
         message, status = str(e), EXIT_USER_ERROR
     except TrainingDiverged as e:
@@ -49,12 +52,26 @@ def run_command(run, argv=None) -> None:
     finally:
         distributed = sys.modules.get("dtrain.distributed")  # loaded only by commands that run processes
         if distributed is not None:
-            distributed.leave_process_groups()
+            several = distributed.leave_process_groups()
     if message is not None:
         # one write: a job's processes share stderr, and a newline written apart lets their lines run together
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
-    sys.exit(status)
+    if several:
+        end_process(status or 0)
+    if status is not None:
+        sys.exit(status)
+
+
+def end_process(status: int) -> None:
+    """End the process now with `status`, after the exit hooks (atexit: run locks, W&B, logging) and with
+    stdout and stderr flushed, but without the interpreter's teardown."""
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def _lost_peer(error: RuntimeError) -> str | None:

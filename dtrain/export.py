@@ -118,7 +118,8 @@ def output_path(args) -> Path:
     if path.resolve() == Path(args.checkpoint).resolve():
         raise UserError(f"--output {path} is the checkpoint itself: give another file name")
     if path.is_dir():
-        raise UserError(f"--output {path} is a folder: give a file name, e.g. {path / ('model' + FORMATS[args.format])}")
+        example = path / ("model" + FORMATS[args.format])
+        raise UserError(f"--output {path} is a folder: give a file name, e.g. {example}")
     if path.exists() and not args.force:
         raise UserError(f"{path} exists: give another --output, or --force to replace it")
     parent = path.parent

@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=command_name("dtrain/predict.py"),
         description="Predict with a dtrain checkpoint: a Kaggle CIFAR-10 submission CSV (--dataset kaggle), "
-                    "accuracy on a labelled split (--dataset cifar10|cifar100|imagefolder), or single images (--image). "
-                    "Runs under plain python, accelerate launch or torchrun.")
-    p.add_argument("--checkpoint", help="a last.pt/best.pt written by dtrain train, or a .safetensors written by dtrain export "
-                                          "(it rebuilds the model)")
+                    "accuracy on a labelled split (--dataset cifar10|cifar100|imagefolder), or single images "
+                    "(--image). Runs under plain python, accelerate launch or torchrun.")
+    p.add_argument("--checkpoint", help="a last.pt/best.pt written by dtrain train, or a .safetensors written by "
+                                          "dtrain export (it rebuilds the model)")
     p.add_argument("--dataset", default="kaggle", choices=["kaggle", "cifar10", "cifar100", "imagefolder"],
                    help="data format (default kaggle)")
     p.add_argument("--data-dir", default="data", help="dataset root; kaggle: the folder holding test/ (default data)")
@@ -415,7 +415,8 @@ def predict_set(args, acc, console: MainConsole, m: LoadedModel, imageset, cache
         source = f"PNG files ({workers} decode workers per process)"
     console.print(f"[bold]dtrain predict[/] {m.arch} ({Path(args.checkpoint)}) on {len(imageset):,} images "
                   f"from {source}; {world} process(es) ({str(acc.distributed_type).split('.')[-1]}, "
-                  f"{device}), batch {per_process * world} ({per_process} per process), precision {acc.mixed_precision}" + tta_words(m))
+                  f"{device}), batch {per_process * world} ({per_process} per process), "
+                  f"precision {acc.mixed_precision}" + tta_words(m))
     with console.progress("predicting", len(imageset)) as bar:
         tracked = ShardProgress(loader, bar if acc.is_main_process else None, world,
                            (m.channels, imageset.size, imageset.size), device)

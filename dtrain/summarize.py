@@ -51,6 +51,7 @@ from dtrain.report.metrics import read_numbered_metrics
 # saved, where the data comes from): declared on each Config field (Policy.groups).
 IGNORED = frozenset(settings_where(lambda p: not p.groups))
 FLAG_ORDER = {name: i for i, name in enumerate(FIELDS)}
+NAME_COLUMNS = 3     # more settings than this to tell the groups apart: name them by recipe where that is shorter
 RUN_KEYS = ("arch", "dataset", "epochs")       # a config.json without them is not a dtrain run's
 
 CSV_COLUMNS = ["group", "n", "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std",
@@ -288,13 +289,13 @@ def differing_settings(reps: list[dict]) -> list[str]:
     return _flag_order(k for k in names if len({_value_key(s, k) for s in reps}) > 1)
 
 
-def separating_settings(reps: list[dict], differ: list[str]) -> list[str]:
-    """The fewest of `differ` that tell the groups apart, in the flags' order: picked one at a time, each the
-    one that splits the groups into the most classes (ties: the first flag)."""
+def separating_settings(reps: list[dict], differ: list[str], chosen: tuple[str, ...] = ()) -> list[str]:
+    """The fewest of `differ` that tell the groups apart, in the flags' order: picked one at a time after
+    `chosen`, each the one that splits the groups into the most classes (ties: the first flag)."""
     def classes(keys: list[str]) -> int:
         return len({tuple(_value_key(s, k) for k in keys) for s in reps})
 
-    chosen: list[str] = []
+    chosen = list(chosen)
     while classes(chosen) < len(reps) and len(chosen) < len(differ):
         chosen.append(max((k for k in differ if k not in chosen), key=lambda k: classes([*chosen, k])))
     return [k for k in differ if k in chosen]
@@ -311,6 +312,11 @@ def group_runs(runs: list[Run]) -> list[Group]:
     reps = [members[0].settings for members in by_key.values()]
     differ = differing_settings(reps)
     names = separating_settings(reps, differ)
+    if len(names) > NAME_COLUMNS and all(len({_value_key(r.settings, "recipe") for r in members}) == 1
+                                         for members in by_key.values()):
+        by_recipe = separating_settings(reps, ["recipe", *differ], ("recipe",))
+        if len(by_recipe) < len(names):
+            names, differ = by_recipe, ["recipe", *differ]
     groups = [Group({k: members[0].settings.get(k) for k in names}, {k: members[0].settings.get(k) for k in differ},
                     members) for members in by_key.values()]
     groups.sort(key=lambda g: [_order(v) for v in [*g.settings.values(), *g.differing.values()]])
@@ -386,7 +392,7 @@ def csv_text(groups: list[Group]) -> str:
     return buf.getvalue()
 
 
-LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"))    # with the 10 colours: 30 groups drawn apart
+LINE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "v"), ("-", "D"), ("--", "x"))  # 10 colours: 60 groups
 LEGEND_FONT = 8
 LEGEND_WRAP = 90           # characters of a legend entry's line
 FIGURE_WIDTH = 10          # inches

@@ -182,6 +182,7 @@ def test_each_augmentation_setting_reaches_its_component(tmp_path):
     assert AugmentSpec.from_config(build_config(["--recipe", str(recipe), "--no-augment"])).policy == "none"
 
 
+@pytest.mark.process
 def test_one_and_two_processes_train_the_same_weights_with_every_augmentation_on(cifar_dir, tmp_path):
     """Crop, flip, Cutout, TrivialAugment, random erasing, MixUp/CutMix with label smoothing: each image's
     augmentation and each batch's mixing depend on its place in the epoch, not on the number of processes."""

@@ -47,19 +47,20 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_a_flipped_bit_in_last_pt_refuses_the_resume_naming_the_file_and_best_pt(finished_run, tmp_path, capsys):
+def test_a_flipped_bit_in_last_pt_refuses_the_resume_naming_the_file_and_best_pt(finished_run, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt"):
         (out / name).write_bytes((finished_run / name).read_bytes())
     record = flip_a_bit_in_the_weights(out / "last.pt")
     before = (out / "last.pt").read_bytes()
-    line = cli_error([*TINY, "--epochs", "4", "--resume", "auto", "--output-dir", out], capsys)
+    line = cli_error([*TINY, "--epochs", "4", "--resume", "auto", "--output-dir", out])
     assert f"checkpoint {out / 'last.pt'} is damaged: its record {record} fails its CRC check" in line, line
     assert f"use {out / 'best.pt'} instead" in line and "diverged" not in line, line
     assert (out / "last.pt").read_bytes() == before and len(metrics(out)) == 2   # nothing trained, nothing written
 
 
+@pytest.mark.process
 def test_predict_and_export_refuse_a_damaged_checkpoint(finished_run, tmp_path):
     damaged = tmp_path / "best.pt"
     damaged.write_bytes((finished_run / "best.pt").read_bytes())
@@ -75,6 +76,7 @@ def test_predict_and_export_refuse_a_damaged_checkpoint(finished_run, tmp_path):
     assert r.returncode == 2 and "is damaged" in r.stderr and not (tmp_path / "m.safetensors").exists(), r.stderr
 
 
+@pytest.mark.process
 def test_a_damaged_exported_safetensors_is_refused(finished_run, tmp_path):
     exported = tmp_path / "m.safetensors"
     r = subprocess.run([sys.executable, "-m", "dtrain", "export", str(finished_run / "best.pt"), "--format",
@@ -89,6 +91,7 @@ def test_a_damaged_exported_safetensors_is_refused(finished_run, tmp_path):
         load_checkpoint(exported)
 
 
+@pytest.mark.process
 def test_a_damaged_wandb_id_is_replaced_by_a_new_run_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--wandb", "--wandb-mode", "offline", "--output-dir", out]
@@ -127,6 +130,7 @@ def one_error_line(r) -> str:
     return lines[0]
 
 
+@pytest.mark.process
 def test_a_full_disk_at_the_metrics_append_is_one_line(small_fs):
     """The run's files (config.json, a lock) fit; the first metrics.jsonl row does not."""
     out = small_fs / "run"
@@ -138,6 +142,7 @@ def test_a_full_disk_at_the_metrics_append_is_one_line(small_fs):
     assert not (out / "run.lock").exists()
 
 
+@pytest.mark.process
 def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(small_fs):
     out = small_fs / "run"
     out.mkdir()
@@ -154,6 +159,7 @@ def memory_limit(gib: float):
     return lambda: resource.setrlimit(resource.RLIMIT_AS, (int(gib * 2**30), int(gib * 2**30)))
 
 
+@pytest.mark.process
 def test_a_batch_that_does_not_fit_in_memory_is_one_line_naming_the_batch(tmp_path):
     """Under a real address-space limit: a batch of 256 images of 256 x 256 pixels (8 GiB of activations in
     the first convolution) cannot be allocated."""
@@ -177,6 +183,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.process
 def test_an_unreadable_stale_lock_is_taken_over_only_if_it_is_still_the_one_seen(tmp_path, monkeypatch):
     """Run A reads an old, unreadable run.lock and judges it stale; before A moves it aside, run B (a real
     second process) takes the folder. A must not move B's lock away: compare-and-swap on the content."""
@@ -209,6 +216,7 @@ def test_an_unreadable_stale_lock_is_taken_over_only_if_it_is_still_the_one_seen
         holder["b"].wait()
 
 
+@pytest.mark.process
 def test_a_stop_signal_during_start_up_ends_the_run_at_once_with_its_line_and_no_lock(tmp_path):
     """SIGTERM while the images are still being decoded (the run's folder already claimed): exit 0 with the
     stop line, no run.lock left, nothing trained."""
@@ -240,6 +248,7 @@ def test_a_stop_signal_during_start_up_ends_the_run_at_once_with_its_line_and_no
     assert not (out / "run.lock").exists() and not (out / "last.pt").exists()
 
 
+@pytest.mark.process
 def test_when_torchrun_s_restarts_are_used_up_the_last_line_is_dtrain_s(tmp_path):
     """A run that fails at every attempt (here: a checkpoint that does not exist) under launch/torchrun.sh with
     one restart: after torchrun's report, dtrain's line says what happened and how to continue."""
@@ -253,12 +262,12 @@ def test_when_torchrun_s_restarts_are_used_up_the_last_line_is_dtrain_s(tmp_path
     assert "--resume auto" in last
 
 
-def test_a_cifar100_resume_with_other_labels_names_cifar100_labels(tmp_path, capsys):
+def test_a_cifar100_resume_with_other_labels_names_cifar100_labels(tmp_path):
     data = write_cifar100(tmp_path / "data")
     args = ["--arch", "cnn", "--dataset", "cifar100", "--data-dir", data, "--no-download", "-b", "50",
             "--workers", "0", "--max-steps", "1", "--output-dir", tmp_path / "run"]
     train_here(args)
-    line = cli_error([*args, "--max-steps", "2", "--resume", "auto", "--cifar100-labels", "coarse"], capsys)
+    line = cli_error([*args, "--max-steps", "2", "--resume", "auto", "--cifar100-labels", "coarse"])
     assert "--cifar100-labels is 'coarse' here but 'fine' in the checkpoint (20 classes here, 100 there)" in line
     assert "--num-classes" not in line, line
 
@@ -272,6 +281,7 @@ def rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_peer_lost_before_the_first_save_says_nothing_was_saved(tmp_path):
     """Rank 1 freezes in the first epoch, before any checkpoint: rank 0's line must not point at a last.pt."""
@@ -317,6 +327,6 @@ def test_a_peer_lost_before_the_first_save_says_nothing_was_saved(tmp_path):
     assert not (out / "last.pt").exists()
 
 
-def test_a_batch_larger_than_the_data_is_said_at_the_start(tmp_path, capsys):
-    train_here([*TINY, "--fake-size", "40", "-b", "128", "--max-steps", "1", "--output-dir", tmp_path / "run"])
-    assert "capped: only 40 training images, 40 per process" in capsys.readouterr().out
+def test_a_batch_larger_than_the_data_is_said_at_the_start(tmp_path):
+    r = train_here([*TINY, "--fake-size", "40", "-b", "128", "--max-steps", "1", "--output-dir", tmp_path / "run"])
+    assert "capped: only 40 training images, 40 per process" in r.stdout

@@ -47,7 +47,8 @@ def test_bad_flag_values_are_one_clear_line(argv, message, capsys):
 def test_help_and_flags_table_show_one_spelling_per_flag():
     text = build_parser().format_help()
     assert "--batch-size" in text and "--batch_size" not in text
-    assert "--hflip[=true|false], --no-hflip" in text
+    assert "--vflip[=true|false], --no-vflip" in text
+    assert "--hflip[=true|false|alternate], --no-hflip" in text
     assert "batch_size" not in flags_markdown().replace("`", " ").split()
 
 

@@ -34,6 +34,15 @@ def table_rows(summary: str) -> list[list[str]]:
     return rows
 
 
+def part_log(out: Path, part: str | None) -> str:
+    """A part's log from parts.tar.gz ("" where there is none)."""
+    try:
+        with tarfile.open(out / "parts.tar.gz") as t:
+            return t.extractfile(f"stage/logs/{part}.log").read().decode(errors="replace")
+    except (OSError, KeyError, AttributeError, tarfile.TarError):
+        return ""
+
+
 def test_shellcheck_accepts_gpu_sh():
     if shutil.which("shellcheck") is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -58,9 +67,10 @@ def test_quick_run_writes_a_summary_row_for_every_part(tmp_path):
     summary = (out / "summary.md").read_text()
     rows = table_rows(summary)
     assert {row[0] for row in rows} >= set(LABELS), summary
+    ids = {label: part for part, label, _ in gpu_checks.PARTS}
     for label, what, figures, command, seconds in rows:
         assert figures and not figures.startswith(("not run", "FAILED", "CUT", "cut:", "(no figures")), \
-            f"row {label} ({what}): {figures}"
+            f"row {label} ({what}): {figures}\n--- its log's end\n{part_log(out, ids.get(label))[-3000:]}"
         if not figures.startswith("skipped: "):
             assert command != "-" and seconds != "-", f"row {label} has figures but no command or time"
         else:

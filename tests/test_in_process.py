@@ -144,10 +144,7 @@ def weights_that_do_not_fit(out: Path) -> None:
     torch.save(ckpt, out / "last.pt")
 
 
-CASES = ["trains", "refused", "diverges", "resumed",
-         pytest.param("weights-do-not-fit", marks=pytest.mark.xfail(strict=True, reason=(
-             "dtrain.main.run installs the stop-signal handlers before the try/finally that uninstalls them: a "
-             "UserError from Trainer.resume_from (or Trainer(...), reporters.start) leaves them installed")))]
+CASES = ["trains", "refused", "diverges", "resumed", "weights-do-not-fit"]
 
 
 @pytest.mark.parametrize("case", CASES)

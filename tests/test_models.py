@@ -481,6 +481,7 @@ def test_builtin_archs_keep_their_own_size_line():
         check_input_size("mnist-cnn", 8, 1)
 
 
+@pytest.mark.process
 def test_tv_model_at_32_px_is_refused_before_the_folder_is_claimed_and_trains_at_the_size_it_names(tmp_path,
                                                                                                    cifar_dir):
     out = tmp_path / "run"
@@ -500,6 +501,7 @@ def test_tv_model_at_32_px_is_refused_before_the_folder_is_claimed_and_trains_at
     assert ckpt["image_size"] == 75 and ckpt["arch"] == "tv:inception_v3"
 
 
+@pytest.mark.process
 def test_image_folder_too_small_for_the_model_is_refused_before_anything_is_written(tmp_path):
     """An image folder's size is known once its images are scanned: the check runs then, before the run
     writes anything into its folder, so the corrected command can use the same folder."""

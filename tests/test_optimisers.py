@@ -132,6 +132,7 @@ def test_resume_is_exact_with(extra, tmp_path):
         assert "(lr 0.05," in line and "(lr 0.2," in line, line
 
 
+@pytest.mark.process
 def test_sam_on_one_process_with_two_micro_batches_trains_like_two_processes(cifar_dir, tmp_path):
     """SAM's first pass is each process's own (m-sharpness): one process with --grad-accum 2 takes the
     steps two processes take."""

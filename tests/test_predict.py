@@ -191,6 +191,7 @@ def wait_until_writing(proc: subprocess.Popen) -> None:
     raise AssertionError(f"the first dtrain predict ended before writing: {proc.communicate()[1][-3000:]}")
 
 
+@pytest.mark.process
 def test_second_predict_writing_the_same_csv_is_refused_naming_the_first(checkpoint, tmp_path):
     twelve, thirty, csv_path = tmp_path / "k12", tmp_path / "k30", tmp_path / "sub.csv"
     write_test(twelve / "test", range(1, 13))
@@ -215,6 +216,7 @@ def test_second_predict_writing_the_same_csv_is_refused_naming_the_first(checkpo
     assert not (tmp_path / "sub.csv.lock").exists()
 
 
+@pytest.mark.process
 def test_csv_lock_left_by_kill_9_is_taken_over_and_said_so(checkpoint, tmp_path):
     data, csv_path = tmp_path / "k12", tmp_path / "sub.csv"
     write_test(data / "test", range(1, 13))

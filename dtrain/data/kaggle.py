@@ -88,7 +88,8 @@ def read_labels(path: Path) -> list[tuple[int, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if not rows or [c.strip().lower() for c in rows[0]] != ["id", "label"]:
-        raise UserError(f"{path}: the first line must be the header 'id,label', not {','.join(rows[0]) if rows else 'empty'!r}")
+        first = ','.join(rows[0]) if rows else 'empty'
+        raise UserError(f"{path}: the first line must be the header 'id,label', not {first!r}")
     out, bad = [], []
     for line, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):

@@ -59,7 +59,8 @@ class ShardedLoader:
 
     def __init__(self, imageset: ImageSet, device, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  train: bool = True, accum: int = 1):
-        self.set, self.device, self.batch_size, self.rank, self.world = imageset, torch.device(device), batch_size, rank, world
+        self.set, self.device, self.batch_size = imageset, torch.device(device), batch_size
+        self.rank, self.world = rank, world
         self.train, self.accum = train, accum
         self.shards = TrainShards(len(imageset), rank, world, seed) if train else None
 

@@ -55,7 +55,8 @@ class PlotReporter:
     def epoch(self, row: dict, evaluation=None) -> None:
         self._take(row, evaluation)
         now = time.perf_counter()
-        if self.last_draw_end is None or self.draw_seconds <= MAX_SHARE * (now - self.last_draw_end + self.draw_seconds):
+        if self.last_draw_end is None or \
+                self.draw_seconds <= MAX_SHARE * (now - self.last_draw_end + self.draw_seconds):
             self.draw()
 
     def end(self, summary: dict, evaluation=None) -> None:
