@@ -48,6 +48,8 @@
 #                                need beyond the needs of g, g', h. Expected not to fit (the needs add up to
 #                                565 s with it, 450 without), so (f) is cut to 1 seed of the 2 asked; a later
 #                                call can run it alone: bash bench/gpu.sh --only f-resnet18-seed1
+#   e-muon              25   45  `--recipe airbench94-muon`, one seed (8 epochs, ~10 s + start-up): OPTIONAL
+#                                like the second seed; it fits in the slack when that seed does not run
 #   g-predict           65  100  export.py writes 300,000 PNGs (~25 s: decoding, distractors and the
 #                                shuffle are single-threaded, the PNGs on 16 cores), bench/predict.py: plain
 #                                loop on the first 20,000 only, each pipeline stage once (--repeat 1: the
@@ -55,7 +57,7 @@
 #                                each; bf16, --no-tta, as the documented goals are measured)
 #   g-syncs             12   25  export 20,480 PNGs, build their cache, predict 20 batches of 1,024
 #   h-profile           15   30  30 steps of resnet18-fast, the last 20 profiled (torch.profiler)
-#   total needs 450 s (565 with the second seed); 70 s of slack for start-ups slower than guessed.
+#   total needs 450 s (565 with the second seed, 475 with e-muon alone); 70 s of slack for start-ups slower than guessed.
 #
 # Host syncs, (b) and (g'), are counted in-process by bench/gpu_checks.py under
 # torch.cuda.set_sync_debug_mode("warn"), per step (per batch) and per call site. --quick runs every part
@@ -68,15 +70,15 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SELF="$REPO/bench/gpu.sh"
 cd "$REPO" || exit 2
-ORDER=(a-env data b-syncs c-eager c-compiled d-fp16 d-load e-airbench f-resnet18 f-resnet18-seed1 g-predict
-       g-syncs h-profile)
+ORDER=(a-env data b-syncs c-eager c-compiled d-fp16 d-load e-airbench f-resnet18 f-resnet18-seed1 e-muon
+       g-predict g-syncs h-profile)
 declare -A NEED=([a-env]=6 [data]=12 [b-syncs]=15 [c-eager]=30 [c-compiled]=90 [d-fp16]=25 [d-load]=5
                  [e-airbench]=60 [f-resnet18]=115 [f-resnet18-seed1]=115 [g-predict]=65 [g-syncs]=12
-                 [h-profile]=15)
+                 [h-profile]=15 [e-muon]=25)
 declare -A CAP=([a-env]=20 [data]=40 [b-syncs]=45 [c-eager]=60 [c-compiled]=130 [d-fp16]=50 [d-load]=15
                 [e-airbench]=90 [f-resnet18]=170 [f-resnet18-seed1]=170 [g-predict]=100 [g-syncs]=25
-                [h-profile]=30)
-OPTIONAL=" f-resnet18-seed1 "
+                [h-profile]=30 [e-muon]=45)
+OPTIONAL=" f-resnet18-seed1 e-muon "
 
 # ---- helpers shared by the parts (run in a child: bash gpu.sh --part ID) ----------------------------------
 shown() {  # a command as the summary shows it: relative to the repository, scratch paths as $WORK
@@ -257,12 +259,19 @@ part_f_resnet18_seed1() {
     f_seed 1
 }
 
+part_e_muon() {
+    train_common
+    run_cmd "$GPU_SH_PY" bench/train.py "${TRAIN[@]}" --sections airbench --recipe-airbench airbench94-muon \
+        --seeds 1 --out "$GPU_SH_WORK/$PART"
+}
+
 part_g_predict() {
-    local total=300000 plain=20000 precision=bf16 extra=() t0
+    local total=300000 plain=20000 precision=bf16 extra=() e2e="" t0
     if quick; then
         total=128
         plain=128
         extra=(--batch-size 64 --workers 0)
+        e2e=" --workers 0"   # under the test suite, predict.py's 2 decode workers have hung on this part
     fi
     cuda || precision=no
     find_checkpoint || return
@@ -281,7 +290,7 @@ part_g_predict() {
     fi
     run_cmd env TMPDIR="$GPU_SH_WORK/tmp" "$GPU_SH_PY" bench/predict.py --dir "$GPU_SH_WORK/kaggle" \
         --total "$total" --checkpoint "$CKPT" --repeat 1 --plain-images "$plain" "${extra[@]}" \
-        --e2e-args "--precision $precision --no-tta" --json "$GPU_SH_STAGE/g-predict.json"
+        --e2e-args "--precision $precision --no-tta$e2e" --json "$GPU_SH_STAGE/g-predict.json"
 }
 
 part_g_syncs() {

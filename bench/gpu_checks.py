@@ -524,6 +524,7 @@ PARTS = [
     ("e-airbench", "e", "airbench94 (the airbench 0.1.8 package, train94) and `--arch airbench`"),
     ("f-resnet18", "f", "time to accuracy, `--recipe resnet18-fast`, seed 0"),
     ("f-resnet18-seed1", "f", "the same, seed 1 (runs only when the time left allows it)"),
+    ("e-muon", "e'", "time to accuracy, `--recipe airbench94-muon`, seed 0 (runs only when the time left allows it)"),
     ("g-predict", "g", "bench/predict.py: Kaggle test PNGs made here, from PNGs and from the packed cache"),
     ("g-syncs", "g'", "host syncs of `dtrain predict` on a small set from the cache (pinned, non-blocking copies)"),
     ("h-profile", "h", "torch.profiler over steps of the fast path (`--recipe resnet18-fast`)"),
@@ -726,6 +727,11 @@ def figure(part: str, work: Path) -> str | None:
         r = (read_json(work / part / "results.json") or {}).get("resnet18")
         if r and r.get("runs"):
             return f"{r['recipe']}: {accuracy_runs(r)} (goal >= 93.0% in <= 120 s)"
+        return partial_run(sorted((work / part / "runs").glob("*/metrics.jsonl")))
+    if part == "e-muon":
+        r = (read_json(work / part / "results.json") or {}).get("airbench")
+        if r and r.get("runs"):
+            return f"{r['recipe']}: {accuracy_runs(r)} (its source: 94.01% on the original images, ~3 points less here)"
         return partial_run(sorted((work / part / "runs").glob("*/metrics.jsonl")))
     if part == "g-predict":
         return predict_figure(read_json(stage / "g-predict.json"), work)

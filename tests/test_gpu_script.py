@@ -22,7 +22,7 @@ SCRIPT = REPO / "bench" / "gpu.sh"
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_checks  # noqa: E402
 
-LABELS = ["a", "b", "c", "d", "d'", "e", "f", "g", "g'", "h"]
+LABELS = ["a", "b", "c", "d", "d'", "e", "f", "e'", "g", "g'", "h"]
 
 
 def table_rows(summary: str) -> list[list[str]]:
