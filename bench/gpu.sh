@@ -266,12 +266,11 @@ part_e_muon() {
 }
 
 part_g_predict() {
-    local total=300000 plain=20000 precision=bf16 extra=() e2e="" t0
+    local total=300000 plain=20000 precision=bf16 extra=() t0
     if quick; then
         total=128
         plain=128
         extra=(--batch-size 64 --workers 0)
-        e2e=" --workers 0"   # under the test suite, predict.py's 2 decode workers have hung on this part
     fi
     cuda || precision=no
     find_checkpoint || return
@@ -290,7 +289,7 @@ part_g_predict() {
     fi
     run_cmd env TMPDIR="$GPU_SH_WORK/tmp" "$GPU_SH_PY" bench/predict.py --dir "$GPU_SH_WORK/kaggle" \
         --total "$total" --checkpoint "$CKPT" --repeat 1 --plain-images "$plain" "${extra[@]}" \
-        --e2e-args "--precision $precision --no-tta$e2e" --json "$GPU_SH_STAGE/g-predict.json"
+        --e2e-args "--precision $precision --no-tta" --json "$GPU_SH_STAGE/g-predict.json"
 }
 
 part_g_syncs() {

@@ -317,3 +317,20 @@ def test_an_airbench_checkpoint_is_scored_with_its_runs_tta_unless_overridden(tm
     assert torch.allclose(probs(), as_trained, atol=1e-5)                      # no flags: the run's TTA
     assert torch.allclose(probs("--no-tta"), plain, atol=1e-5)
     assert torch.allclose(probs("--tta-shift", "0"), mirror_only, atol=1e-5)
+
+
+@pytest.mark.process
+def test_decode_workers_under_a_long_tmpdir_hand_their_images_back(checkpoint, tmp_path):
+    """Workers hand batches back over Unix sockets in TMPDIR; a path past 107 bytes cannot be a socket. With
+    a 100-character TMPDIR, both the PNG loader and the cache build finish instead of waiting forever."""
+    root = tmp_path / "k"
+    write_test(root / "test", range(1, 41))
+    tmp = tmp_path / "t"
+    tmp = tmp / ("x" * (100 - len(str(tmp)) - 1))
+    tmp.mkdir(parents=True)
+    for cache in ("--no-cache", "--cache"):
+        out = tmp_path / f"sub{cache}.csv"
+        launch(PREDICT, ["--checkpoint", checkpoint, "--data-dir", root, "--output", out, "--workers", 2,
+                         "--batch-size", 8, cache], timeout=120, extra_env={"TMPDIR": tmp})
+        assert len(rows(out)) == 41
+    assert list(tmp.iterdir()) == []             # multiprocessing's folder went under /tmp, and is gone

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dtrain.data.workers import short_socket_folder
 from dtrain.errors import UserError
 
 CHUNK = 256          # images per decode task (one worker round trip)
@@ -131,6 +132,8 @@ def decode_chunks(files, size: int, channels: int, workers: int, progress: Calla
 
     After the last chunk, raises a UserError naming the files that could not be decoded (all of them
     are tried first, so the message names every bad file, or the first few and how many)."""
+    if workers:
+        short_socket_folder()
     loader = torch.utils.data.DataLoader(_Chunks(files, size, channels), batch_size=None, shuffle=False,
                                          num_workers=workers, prefetch_factor=4 if workers else None)
     bad: list[int] = []

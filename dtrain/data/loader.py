@@ -16,6 +16,7 @@ import torch
 from dtrain.data import ImageSet
 from dtrain.data.decode import decode_image
 from dtrain.data.sampler import TrainShards, eval_shard
+from dtrain.data.workers import short_socket_folder
 from dtrain.errors import UserError
 from dtrain.signals import ignore_stop_signals
 
@@ -106,6 +107,8 @@ class FileLoader(ShardedLoader):
 
     def batches(self, epoch: int = 0, start: int = 0):
         index_batches = self.index_batches(epoch, start)
+        if self.workers:
+            short_socket_folder()
         loader = torch.utils.data.DataLoader(
             FileImages(self.set), batch_sampler=[b.tolist() for b in index_batches], num_workers=self.workers,
             collate_fn=_whole_batch, pin_memory=self.device.type == "cuda", persistent_workers=False,
