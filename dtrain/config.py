@@ -533,7 +533,8 @@ def resolve(overrides: dict) -> Config:
     return cfg
 
 
-# Rules between settings: (holds, message); each field's own rule is declared next to it.
+# Rules between settings: (holds, message or a function of the Config that gives it); each field's own rule
+# is declared next to it.
 CROSS_CHECKS = (
     (lambda c: not c.cutout_holes or c.cutout_length >= 1,
      "--cutout-length must be at least 1 when --cutout-holes is set"),
@@ -544,6 +545,9 @@ CROSS_CHECKS = (
      "--cifar100-labels coarse needs --dataset cifar100"),
     (lambda c: (c.swa_start is None) == (c.swa_lr is None), "--swa-start EPOCH and --swa-lr LR go together"),
     (lambda c: c.swa_start is None or c.ema is None, "--swa-start and --ema are two weight averages: choose one"),
+    (lambda c: c.swa_start is None or c.swa_start < c.epochs,
+     lambda c: f"--swa-start {c.swa_start} is not below --epochs {c.epochs}: no weights would be averaged; "
+               f"start it earlier or train longer"),
     (lambda c: not c.sam_adaptive or c.sam, "--sam-adaptive needs --sam RHO (e.g. --sam 2.0 --sam-adaptive)"),
 )
 
@@ -562,7 +566,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{flag_name(f.name)} must be {rule.text}, not {value!r}")
     for holds, message in CROSS_CHECKS:
         if not holds(cfg):
-            raise UserError(message)
+            raise UserError(message(cfg) if callable(message) else message)
 
 
 def config_from_dict(d: dict) -> Config:

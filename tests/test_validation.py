@@ -35,6 +35,8 @@ BAD_FLAGS = [
     (["--lookahead", "5"], "--lookahead N needs --ema DECAY"),
     (["--tta-shift", "1"], "--tta-shift N needs --tta"),
     (["--cutout-holes", "1", "--cutout-length", "0"], "--cutout-length must be at least 1 when --cutout-holes"),
+    # SWA that would never start (BASE trains 1 epoch)
+    (["--swa-start", "1", "--swa-lr", "0.01"], "--swa-start 1 is not below --epochs 1: no weights would be averaged"),
 ]
 
 BAD_RECIPES = [
