@@ -244,11 +244,12 @@ class Config:
                         check=at_least(0), policy=CHANGES)
     sam: float | None = _f(None, "SAM: take each step's gradient at the weights moved this far (rho) towards the "
                            "highest loss nearby; two passes per step", check=positive, policy=CHANGES)
-    sam_adaptive: bool = _f(False, "with --sam: adaptive SAM (ASAM), the move scaled by each weight's size",
-                            policy=CHANGES)
-    swa_start: int | None = _f(None, "SWA: after this many epochs hold the learning rate at --swa-lr and average "
-                               "the weights at the end of each later epoch (BatchNorm recomputed); evaluate and "
-                               "save the average", check=at_least(0), policy=CHANGES)
+    sam_adaptive: bool = _f(False, "with --sam: adaptive SAM (ASAM), the move scaled by |w| + 0.01 for weights "
+                            "(not biases)", policy=CHANGES)
+    swa_start: int | None = _f(None, "SWA: after this many epochs (where a cosine or linear schedule reaches "
+                               "--swa-lr) hold the learning rate at --swa-lr and average the weights at the end of "
+                               "each later epoch (BatchNorm recomputed); evaluate and save the average",
+                               check=at_least(0), policy=CHANGES)
     swa_lr: float | None = _f(None, "SWA: the learning rate after --swa-start", check=positive, policy=CHANGES)
     # system
     seed: int = _f(0, "random seed (sampling order, augmentation, initialisation)", check=at_least(0), policy=SEED)
@@ -548,7 +549,7 @@ CROSS_CHECKS = (
     (lambda c: c.swa_start is None or c.swa_start < c.epochs,
      lambda c: f"--swa-start {c.swa_start} is not below --epochs {c.epochs}: no weights would be averaged; "
                f"start it earlier or train longer"),
-    (lambda c: not c.sam_adaptive or c.sam, "--sam-adaptive needs --sam RHO (e.g. --sam 2.0 --sam-adaptive)"),
+    (lambda c: not c.sam_adaptive or c.sam, "--sam-adaptive needs --sam RHO (e.g. --sam 0.5 --sam-adaptive)"),
 )
 
 

@@ -227,7 +227,10 @@ class Trainer:
         # evaluation runs the module beneath DDP (no collective in its forward, so a process with an empty
         # validation shard makes the same calls as the others), after its buffers are made rank 0's
         self.swa = SWA(self.module) if spec.swa_start is not None else None
-        self.trained_params = [p for p in self.module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.trained_params = [p for _, p in named]
+        # ASAM scales the layers' weights (names with "weight", as its authors' code), not the biases
+        self.asam_weights = ["weight" in n for n, _ in named] if spec.sam_adaptive else None
         self._compile = parts.compile or (lambda m: m)
         self.train_eval_module = self.ema.module if self.ema is not None else self.module
         self.train_eval_model = self._compile(self.train_eval_module)
@@ -377,7 +380,7 @@ class Trainer:
             loss, logits = training_loss(self.module, model(x), target, self.criterion)
             scaled = self.scaler.scale(loss) if self.scaler is not None else loss
             grads = torch.autograd.grad(scaled, self.trained_params, allow_unused=True)
-        e = sam.perturbation(self.trained_params, list(grads), self.spec.sam, self.spec.sam_adaptive)
+        e = sam.perturbation(self.trained_params, list(grads), self.spec.sam, self.asam_weights)
         return e, loss, logits
 
     def optimizer_step(self) -> torch.Tensor | None:

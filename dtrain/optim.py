@@ -116,11 +116,14 @@ class LRSchedule:
     def factor(self, t: int) -> float:
         c = self.spec
         warm = min(1.0, (t + 1) / self.warmup) if self.warmup and t < self.warmup else 1.0
-        progress = min(1.0, max(0, t - self.warmup) / max(1, self.total - self.warmup))
+        total, floor = self.total, 0.0
+        if c.swa_start is not None:  # SWA: a decaying schedule runs until the averaging starts, down to swa_lr
+            total, floor = max(1, c.swa_start * self.steps_per_epoch), c.swa_lr / self.base[0]
+        progress = min(1.0, max(0, t - self.warmup) / max(1, total - self.warmup))
         if c.scheduler == "cosine":
-            shape = 0.5 * (1 + math.cos(math.pi * progress))
+            shape = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         elif c.scheduler == "linear":
-            shape = 1.0 - progress
+            shape = floor + (1 - floor) * (1.0 - progress)
         elif c.scheduler == "onecycle":  # linear from `start` up to 1 at `peak`, then linear down to `end`
             p = t / self.total
             start, peak, end = c.onecycle_start, c.onecycle_peak, c.onecycle_end

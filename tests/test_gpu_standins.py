@@ -193,6 +193,35 @@ def overflow_at(steps: set, record: list | None = None):
     return build
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward; its backward makes every gradient infinite (a scaled gradient that overflowed)."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def gradient_overflow_at(forwards: set):
+    """A build_model whose gradients overflow at the given training forwards (1-based), the loss still finite."""
+    from dtrain.models import build_model
+    calls = {"n": 0}
+
+    def build(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if not module.training:
+                return output
+            calls["n"] += 1
+            return _InfiniteGradient.apply(output) if calls["n"] in forwards else output
+        model.register_forward_hook(hook)
+        return model
+    return build
+
+
 def fp16(out, *more):
     """The fp16 stand-in's run: 6 steps an epoch, every step logged, clipped SGD; 16-pixel images (fp16 on the
     CPU is slow, and what is checked is the scaler's bookkeeping, not the convolutions)."""
@@ -212,6 +241,19 @@ def test_fp16_scaler_skips_an_overflowed_step_and_counts_it(tmp_path):
     assert all(r["train_loss"] is not None and r["train_loss"] < 10 for r in rows)  # the skipped loss left out
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["scaler"]["scale"] == 65536.0 / 2
+
+
+def test_sam_under_fp16_an_overflowed_first_pass_moves_nothing_and_batchnorm_stays_finite(tmp_path):
+    """SAM's first pass of step 3 overflows under the GradScaler (forward 5: two forwards a step): the weights
+    are not moved by inf * 0 = NaN for the second pass, whose forward would write NaN into BatchNorm's running
+    statistics for good (the run then stopped as "diverged" at its save)."""
+    out = tmp_path / "run"
+    summary = train_here(fp16(out, "--epochs", "1", "--sam", "0.05"), make_accelerator=cpu_fp16_accelerator,
+                         build_optimizer=fused_optimizer(), build_model=gradient_overflow_at({5})).result
+    assert summary["steps"] == 6
+    model = load_checkpoint(out / "last.pt")["model"]
+    assert any("running_mean" in k for k in model)
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 
 
 def test_fp16_scaler_resume_is_exact(tmp_path):

@@ -22,15 +22,16 @@ def tiny_net(seed=0) -> nn.Module:
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sam_gradient_is_the_two_pass_formula(adaptive):
-    """By hand: g1 at w; e = rho g1 / ||g1|| (adaptive: rho w^2 g1 / ||w g1||); the gradient taken at w + e;
-    the weights back at w afterwards."""
+    """By hand: g1 at w; e = rho g1 / ||g1|| (adaptive: rho T^2 g1 / ||T g1||, T = |w| + 0.01 for weights and 1
+    for biases, as ASAM's authors' code); the gradient taken at w + e; the weights back at w afterwards."""
     net, rho = tiny_net(), 0.3
     x, y = torch.randn(8, 5, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     loss_of = lambda: nn.functional.cross_entropy(net(x), y)  # noqa: E731
     params = list(net.parameters())
     w = [p.detach().clone() for p in params]
     g1 = torch.autograd.grad(loss_of(), params)
-    t = [wi.abs() if adaptive else torch.ones_like(wi) for wi in w]
+    weights = [name.endswith("weight") for name, _ in net.named_parameters()]
+    t = [wi.abs() + 0.01 if adaptive and is_weight else torch.ones_like(wi) for wi, is_weight in zip(w, weights)]
     norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g1)))
     e_hand = [rho * ti * ti * gi / norm for ti, gi in zip(t, g1)]
     shifted = copy.deepcopy(net)
@@ -39,7 +40,7 @@ def test_sam_gradient_is_the_two_pass_formula(adaptive):
             p.add_(e)
     g2_hand = torch.autograd.grad(nn.functional.cross_entropy(shifted(x), y), list(shifted.parameters()))
 
-    e = sam.perturbation(params, list(g1), rho, adaptive)
+    e = sam.perturbation(params, list(g1), rho, weights if adaptive else None)
     with sam.moved(params, e):
         g2 = torch.autograd.grad(loss_of(), params)
     for a, b in zip(e, e_hand):
@@ -47,6 +48,19 @@ def test_sam_gradient_is_the_two_pass_formula(adaptive):
     for a, b in zip(g2, g2_hand):
         torch.testing.assert_close(a, b)
     assert all(torch.equal(p, wi) for p, wi in zip(params, w))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_an_overflowed_first_pass_moves_nothing(bad):
+    """fp16: the scaled first-pass gradient overflowed (the GradScaler will skip the step); moving the weights
+    by inf * 0 would leave NaN in BatchNorm's buffers through the second pass, so e is 0."""
+    net = tiny_net()
+    params = list(net.parameters())
+    grads = [torch.ones_like(p) for p in params]
+    grads[1][0] = bad
+    for adaptive in (None, [True] * len(params)):
+        e = sam.perturbation(params, grads, 0.05, adaptive)
+        assert all(torch.equal(x, torch.zeros_like(x)) for x in e)
 
 
 def test_sam_leaves_batchnorm_statistics_to_the_first_pass():

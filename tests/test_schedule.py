@@ -52,3 +52,13 @@ def test_no_weight_decay_on_norm_and_bias():
     opt = build_optimizer(OptimSpec.from_config(cfg), model, torch.device("cpu"))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     assert len(opt.param_groups[0]["params"]) == 1 and len(opt.param_groups[1]["params"]) == 3
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_with_swa_a_decaying_schedule_ends_at_swa_lr_where_the_averaging_starts(shape):
+    """--swa-start 6 --swa-lr 0.25 over 10 epochs: the schedule runs over the first 6 epochs from 1.0 down to
+    0.25 (never below it, and no jump up at the start of the averaging), then holds 0.25."""
+    v = lrs(schedule("--scheduler", shape, "--epochs", "10", "--swa-start", "6", "--swa-lr", "0.25"), 100)
+    assert v[0] == pytest.approx(1.0) and v[30] == pytest.approx(0.625)
+    assert all(a >= b for a, b in zip(v, v[1:])) and min(v) == pytest.approx(0.25)
+    assert v[59] > 0.25 and v[60:] == [pytest.approx(0.25)] * 41
