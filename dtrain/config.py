@@ -320,10 +320,11 @@ def is_list_setting(name: str) -> bool:
     return _base_type(FIELDS[name].type)[1]
 
 
-def _parse_bool(name, value):
+def _parse_bool(name, value, also=()):
     if isinstance(value, bool):
         return value
-    raise UserError(f"{name} must be true or false, not {value!r}")
+    others = "".join(f" or {word}" for word in also)
+    raise UserError(f"{name} must be true or false{others}, not {value!r}")
 
 
 def _is_a(value, tp) -> bool:
@@ -343,7 +344,10 @@ def _coerce(name: str, value):
             raise UserError(f"{name} must be a list of {tp.__name__} values, not {value!r}")
         return [tp(v) for v in value]
     if tp is bool:
-        return value if value in FIELDS[name].metadata["also"] else _parse_bool(name, value)
+        also = FIELDS[name].metadata["also"]
+        if isinstance(value, str) and value.strip().lower() in also:
+            return value.strip().lower()
+        return _parse_bool(name, value, also)
     if not _is_a(value, tp):
         raise UserError(f"{name} must be of type {tp.__name__}, not {value!r}")
     value = tp(value)
@@ -414,11 +418,12 @@ def load_recipe(name: str) -> dict:
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def parse_bool_text(name: str, text: str) -> bool:
+def parse_bool_text(name: str, text: str, also=()) -> bool:
     word = text.strip().lower()
     if word in TRUE_WORDS or word in FALSE_WORDS:
         return word in TRUE_WORDS
-    raise UserError(f"{name} must be true or false (or 1/0, yes/no), not {text!r}")
+    others = "".join(f", {w}" for w in also)
+    raise UserError(f"{name} must be true or false (or 1/0, yes/no{others}), not {text!r}")
 
 
 def _split_list(text: str) -> list[str]:
@@ -444,6 +449,15 @@ def parse_value(name: str, text: str):
     return _coerce(name, values if is_list else values[0])
 
 
+def _number_or_none(tp):
+    """The flag type of a setting that is off unless set (--sam, --ema, --swa-start...): a number, or `none`
+    to turn off what a recipe set."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else tp(text)
+    parse.__name__ = tp.__name__     # argparse's "invalid float value"
+    return parse
+
+
 class _BoolFlag(argparse.Action):
     """--foo, --foo=VALUE (true/false, 1/0, yes/no, or one of the field's `also` values) and --no-foo."""
 
@@ -456,11 +470,11 @@ class _BoolFlag(argparse.Action):
         negative = option_string.startswith(("--no-", "--no_"))
         if negative and value is not None:
             parser.error(f"{option_string} takes no value (use --{option_string[5:]}=false)")
-        if value is not None and value.strip() in self.also:
-            setattr(namespace, self.dest, value.strip())
+        if value is not None and value.strip().lower() in self.also:
+            setattr(namespace, self.dest, value.strip().lower())
             return
         try:
-            flag = True if value is None else parse_bool_text(option_string, value)
+            flag = True if value is None else parse_bool_text(option_string, value, self.also)
         except UserError as e:
             parser.error(str(e))
         setattr(namespace, self.dest, flag != negative)
@@ -508,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw.update(action="append", metavar="KEY=V1,V2,...")
         elif is_list:
             kw.update(action=_ListFlag, type=tp)
+        elif f.default is None and tp in (int, float):
+            kw.update(type=_number_or_none(tp))
         else:
             kw.update(type=tp, choices=f.metadata.get("choices"))
         names = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
@@ -531,7 +547,14 @@ def resolve(overrides: dict) -> Config:
     settings["recipe"] = recipe
     cfg = Config(**settings)
     validate(cfg)
+    asked = [flag_name(k) for k in AUGMENTATIONS_OFF_BY_DEFAULT if overrides.get(k) not in (None, "none", 0)]
+    if asked and not cfg.augment:  # --no-augment turns off a recipe's augmentations, but not the ones asked for
+        raise UserError(f"{' and '.join(asked)} act only with --augment (the recipe or your flags turn it off): "
+                        f"add --augment")
     return cfg
+
+
+AUGMENTATIONS_OFF_BY_DEFAULT = ("augment_policy", "random_erasing", "cutout_holes", "translate", "rotate")
 
 
 # Rules between settings: (holds, message or a function of the Config that gives it); each field's own rule
@@ -545,11 +568,18 @@ CROSS_CHECKS = (
     (lambda c: c.cifar100_labels == "fine" or c.dataset == "cifar100",
      "--cifar100-labels coarse needs --dataset cifar100"),
     (lambda c: (c.swa_start is None) == (c.swa_lr is None), "--swa-start EPOCH and --swa-lr LR go together"),
-    (lambda c: c.swa_start is None or c.ema is None, "--swa-start and --ema are two weight averages: choose one"),
+    (lambda c: c.swa_start is None or c.ema is None,
+     "--swa-start and --ema are two weight averages: choose one (turn the other off with none, e.g. --ema none)"),
     (lambda c: c.swa_start is None or c.swa_start < c.epochs,
      lambda c: f"--swa-start {c.swa_start} is not below --epochs {c.epochs}: no weights would be averaged; "
                f"start it earlier or train longer"),
     (lambda c: not c.sam_adaptive or c.sam, "--sam-adaptive needs --sam RHO (e.g. --sam 0.5 --sam-adaptive)"),
+    (lambda c: not (c.nesterov and c.momentum == 0 and "sgd" in (c.optimizer, c.optimizer + c.muon_aux)),
+     "--nesterov needs --momentum above 0 (e.g. --momentum 0.9), or --no-nesterov"),
+    (lambda c: c.mix_prob == 1.0 or c.mixup or c.cutmix, "--mix-prob P needs --mixup ALPHA or --cutmix ALPHA"),
+    (lambda c: c.augment_policy == "randaugment" or all(getattr(c, k) == FIELDS[k].default
+                                                         for k in ("randaugment_ops", "randaugment_magnitude")),
+     "--randaugment-ops and --randaugment-magnitude need --augment-policy randaugment"),
 )
 
 

@@ -118,7 +118,7 @@ class LRSchedule:
         warm = min(1.0, (t + 1) / self.warmup) if self.warmup and t < self.warmup else 1.0
         total, floor = self.total, 0.0
         if c.swa_start is not None:  # SWA: a decaying schedule runs until the averaging starts, down to swa_lr
-            total, floor = max(1, c.swa_start * self.steps_per_epoch), c.swa_lr / self.base[0]
+            total, floor = max(1, c.swa_start * self.steps_per_epoch), self._swa_ratio()
         progress = min(1.0, max(0, t - self.warmup) / max(1, total - self.warmup))
         if c.scheduler == "cosine":
             shape = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -139,9 +139,13 @@ class LRSchedule:
         f = self.factor(self.t)
         c = self.spec
         if c.swa_start is not None and self.t >= c.swa_start * self.steps_per_epoch:
-            f = c.swa_lr / self.base[0]   # SWA: every group at swa_lr, in the groups' ratio to the first
+            f = self._swa_ratio()   # SWA: every group at swa_lr, in the groups' ratio to the first
         for g, base in zip(self.opt.param_groups, self.base):
             g["lr"] = base * f
+
+    def _swa_ratio(self) -> float:
+        """swa_lr over the first group's base LR (0 when that is 0: nothing trains at LR 0)."""
+        return self.spec.swa_lr / self.base[0] if self.base[0] else 0.0
 
     def step(self) -> None:
         self.t += 1

@@ -32,7 +32,8 @@ def test_agent_style_flags_parse_to_the_config(argv, expected):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--hflip=maybe"], "--hflip must be true or false"),
+    (["--hflip=maybe"], "--hflip must be true or false (or 1/0, yes/no, alternate), not 'maybe'"),
+    (["--lr=none"], "invalid float value: 'none'"),      # none only for settings that are off unless set
     (["--no-hflip=true"], "--no-hflip takes no value"),
     (["--batch_size=many"], "invalid int value"),
     (["--milestones=3,x"], "invalid int value"),

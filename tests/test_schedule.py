@@ -62,3 +62,7 @@ def test_with_swa_a_decaying_schedule_ends_at_swa_lr_where_the_averaging_starts(
     assert v[0] == pytest.approx(1.0) and v[30] == pytest.approx(0.625)
     assert all(a >= b for a, b in zip(v, v[1:])) and min(v) == pytest.approx(0.25)
     assert v[59] > 0.25 and v[60:] == [pytest.approx(0.25)] * 41
+
+
+def test_swa_at_lr_0_trains_nothing_without_failing():
+    assert set(lrs(schedule("--lr", "0", "--epochs", "10", "--swa-start", "5", "--swa-lr", "0.1"), 100)) == {0.0}

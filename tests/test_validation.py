@@ -35,6 +35,12 @@ BAD_FLAGS = [
     (["--lookahead", "5"], "--lookahead N needs --ema DECAY"),
     (["--tta-shift", "1"], "--tta-shift N needs --tta"),
     (["--cutout-holes", "1", "--cutout-length", "0"], "--cutout-length must be at least 1 when --cutout-holes"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum above 0"),
+    (["--no-augment", "--augment-policy", "autoaugment"], "act only with --augment"),
+    (["--no-augment", "--random-erasing", "0.5", "--rotate", "5"],
+     "--random-erasing and --rotate act only with --augment"),
+    (["--mix-prob", "0.5"], "--mix-prob P needs --mixup ALPHA or --cutmix ALPHA"),
+    (["--randaugment-ops", "3"], "--randaugment-ops and --randaugment-magnitude need --augment-policy randaugment"),
     # SWA that would never start (BASE trains 1 epoch)
     (["--swa-start", "1", "--swa-lr", "0.01"], "--swa-start 1 is not below --epochs 1: no weights would be averaged"),
 ]
@@ -69,3 +75,26 @@ def test_every_shipped_recipe_and_the_defaults_pass_the_rules():
     validate(Config())
     for name in list_recipes():
         build_config(["--recipe", name])
+
+
+def test_none_turns_off_what_a_recipe_set():
+    """--arch wrn16-8 brings the wrn16-8-sam recipe: `--sam none` trains it without SAM; the same for the
+    other settings that are off unless set."""
+    from dtrain.settings import build_config
+    assert build_config(["--arch", "wrn16-8"]).sam == 0.05
+    assert build_config(["--arch", "wrn16-8", "--sam", "None"]).sam is None
+    cfg = build_config(["--recipe", "wrn28-10-swa", "--swa-start", "none", "--swa-lr", "none", "--ema", "0.99"])
+    assert (cfg.swa_start, cfg.swa_lr, cfg.ema) == (None, None, 0.99)
+    assert build_config(["--recipe", "airbench", "--ema", "none", "--lookahead", "0"]).ema is None
+    assert build_config(["--hflip", "Alternate"]).hflip == "alternate"
+
+
+def test_an_augmentation_asked_for_under_a_recipe_without_augmentation_is_refused():
+    """mnist-cnn's recipe turns augmentation off: a policy given on top would be ignored, so it is refused; a
+    recipe's own augmentations are simply turned off by --no-augment."""
+    from dtrain.errors import UserError
+    from dtrain.settings import build_config
+    with pytest.raises(UserError, match="--augment-policy act only with --augment .* add --augment"):
+        build_config(["--arch", "mnist-cnn", "--augment-policy", "autoaugment"])
+    assert build_config(["--arch", "mnist-cnn", "--augment", "--augment-policy", "autoaugment"]).augment
+    assert not build_config(["--recipe", "resnet18-96", "--no-augment"]).augment
