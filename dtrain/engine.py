@@ -32,7 +32,7 @@ from dtrain.distributed import run_on_main, sync_buffers
 from dtrain import sam
 from dtrain.ema import WeightAverage
 from dtrain.epoch_row import epoch_row
-from dtrain.errors import TrainingDiverged, UserError
+from dtrain.errors import TrainingDiverged, UserError, out_of_memory
 from dtrain.inference import Evaluation, eager, eval_logits, evaluate, module_for
 from dtrain.models import training_loss
 from dtrain.optim import LRSchedule, ScheduleSpec
@@ -187,15 +187,6 @@ class Clock:
 
     def new_window(self) -> None:
         self.window_start, self.window_images = time.perf_counter(), 0
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether an error is an allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's."""
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "Cannot allocate memory" in text
-                                                or "out of memory" in text)
 
 
 def rng_state() -> dict:

@@ -19,6 +19,15 @@ class UserError(Exception):
     """A problem the user can fix; the command prints the message without a traceback."""
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is an allocation that failed: CUDA's torch.OutOfMemoryError, the CPU allocator's."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "Cannot allocate memory" in text
+                                                or "out of memory" in text)
+
+
 class TrainingDiverged(Exception):
     """The training loss or the weights became non-finite: the run stopped without saving them."""
 

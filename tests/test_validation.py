@@ -98,3 +98,11 @@ def test_an_augmentation_asked_for_under_a_recipe_without_augmentation_is_refuse
         build_config(["--arch", "mnist-cnn", "--augment-policy", "autoaugment"])
     assert build_config(["--arch", "mnist-cnn", "--augment", "--augment-policy", "autoaugment"]).augment
     assert not build_config(["--recipe", "resnet18-96", "--no-augment"]).augment
+
+
+def test_a_model_too_large_to_allocate_is_one_line_and_the_folder_stays_free(tmp_path):
+    """wrn10-100000 asks for ~92 TB of weights: one line naming the arch, and no config.json left behind, so the
+    corrected run starts in the same folder."""
+    line = run_cli([*BASE[2:], "--arch", "wrn10-100000", "--output-dir", str(tmp_path / "run")])
+    assert "arch wrn10-100000 does not fit in this machine's memory" in line
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from dtrain.errors import UserError
+from dtrain.errors import UserError, out_of_memory
 from dtrain.models import airbench, cifar_resnet, cnn, googlenet, mnist, preact, pyramidnet, resnet, tv, wrn
 from dtrain.models.state import strip_prefixes
 
@@ -129,7 +129,12 @@ def input_size_problem(arch: str, image_size: int, in_channels: int) -> str | No
     """Why `arch` cannot take image_size x image_size images and the size it takes, or None (see
     check_input_size)."""
     with torch.random.fork_rng(devices=[]):     # building consumes no random numbers of the run's
-        model = _model_on_meta(arch, in_channels, image_size)
+        try:
+            model = _model_on_meta(arch, in_channels, image_size)
+        except (RuntimeError, MemoryError) as e:  # buffers are real tensors even here
+            if not out_of_memory(e):
+                raise
+            raise UserError(too_large(arch)) from None
     error = _meta_forward_error(model, in_channels, image_size)
     if error is None:
         return None
@@ -138,6 +143,10 @@ def input_size_problem(arch: str, image_size: int, in_channels: int) -> str | No
         return None
     return (f"--arch {arch} cannot take {image_size}x{image_size} images ({error}); pass --image-size {works} "
             f"(it takes {works}x{works})")
+
+
+def too_large(arch: str) -> str:
+    return f"arch {arch} does not fit in this machine's memory: choose a smaller one"
 
 
 def _model_on_meta(arch: str, in_channels: int, image_size: int) -> nn.Module:
