@@ -175,8 +175,9 @@ def fused_optimizer():
     return partial(build_optimizer, fused=True)
 
 
-def overflow_at(steps: set, record: list | None = None):
-    """A build_model whose model's training output is infinite at the given training forwards (1-based)."""
+def changed_at(forwards: set, change):
+    """A build_model whose model's training output goes through `change` at the given training forwards
+    (1-based)."""
     from dtrain.models import build_model
     calls = {"n": 0}
 
@@ -187,10 +188,15 @@ def overflow_at(steps: set, record: list | None = None):
             if not module.training:
                 return output
             calls["n"] += 1
-            return output * float("inf") if calls["n"] in steps else output
+            return change(output) if calls["n"] in forwards else output
         model.register_forward_hook(hook)
         return model
     return build
+
+
+def overflow_at(forwards: set):
+    """The training output is infinite at these forwards."""
+    return changed_at(forwards, lambda output: output * float("inf"))
 
 
 class _InfiniteGradient(torch.autograd.Function):
@@ -205,21 +211,8 @@ class _InfiniteGradient(torch.autograd.Function):
 
 
 def gradient_overflow_at(forwards: set):
-    """A build_model whose gradients overflow at the given training forwards (1-based), the loss still finite."""
-    from dtrain.models import build_model
-    calls = {"n": 0}
-
-    def build(*args, **kwargs):
-        model = build_model(*args, **kwargs)
-
-        def hook(module, inputs, output):
-            if not module.training:
-                return output
-            calls["n"] += 1
-            return _InfiniteGradient.apply(output) if calls["n"] in forwards else output
-        model.register_forward_hook(hook)
-        return model
-    return build
+    """The gradients overflow at these forwards, the loss still finite."""
+    return changed_at(forwards, _InfiniteGradient.apply)
 
 
 def fp16(out, *more):
