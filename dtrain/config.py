@@ -574,7 +574,7 @@ CROSS_CHECKS = (
      lambda c: f"--swa-start {c.swa_start} is not below --epochs {c.epochs}: no weights would be averaged; "
                f"start it earlier or train longer"),
     (lambda c: not c.sam_adaptive or c.sam, "--sam-adaptive needs --sam RHO (e.g. --sam 0.5 --sam-adaptive)"),
-    (lambda c: not (c.nesterov and c.momentum == 0 and "sgd" in (c.optimizer, c.optimizer + c.muon_aux)),
+    (lambda c: not (c.nesterov and c.momentum == 0 and (c.muon_aux if c.optimizer == "muon" else c.optimizer) == "sgd"),
      "--nesterov needs --momentum above 0 (e.g. --momentum 0.9), or --no-nesterov"),
     (lambda c: c.mix_prob == 1.0 or c.mixup or c.cutmix, "--mix-prob P needs --mixup ALPHA or --cutmix ALPHA"),
     (lambda c: c.augment_policy == "randaugment" or all(getattr(c, k) == FIELDS[k].default
