@@ -179,7 +179,7 @@ class Config:
     randaugment_ops: int = _f(2, "randaugment: operations per image (N)", check=at_least(1), policy=CHANGES)
     randaugment_magnitude: int = _f(9, "randaugment: magnitude M of 31 bins (0-30)", check=in_range(0, 30),
                                     policy=CHANGES)
-    random_erasing: float = _f(0.0, "random erasing: the chance each image gets a rectangle of 2-33%% of its area "
+    random_erasing: float = _f(0.0, "random erasing: the chance each image gets a rectangle of 2-40%% of its area "
                                "and aspect 0.3-3.3 set to the mean, after Cutout (0: off)", check=in_range(0, 1),
                                policy=CHANGES)
     mixup: float = _f(0.0, "MixUp alpha: mix each image with a partner by a Beta(alpha, alpha) weight (0: off)",

@@ -214,10 +214,11 @@ class Pipeline:
 
 
 def random_erasing(x: torch.Tensor, p: float, draws: "ShardDraws | torch.Generator",
-                   scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3),
+                   scale: tuple[float, float] = (0.02, 0.4), ratio: tuple[float, float] = (0.3, 3.3),
                    value: float = 0.0, tries: int = 10) -> torch.Tensor:
     """Random erasing (Zhong et al. 2020) per image of a float N x C x H x W batch: with probability p, a
-    rectangle of area scale x H x W (uniform) and aspect ratio h/w (log-uniform in `ratio`) set to `value`.
+    rectangle of area scale x H x W (uniform; the paper's 2-40%, where torchvision's default stops at 33%) and
+    aspect ratio h/w (log-uniform in `ratio`) set to `value`.
 
     Meant after normalisation, where 0 (the default) is the dataset mean. Sizes are drawn as torchvision's
     RandomErasing draws them: h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), kept if
