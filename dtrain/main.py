@@ -219,6 +219,8 @@ def train(cfg, stop: StopSignal) -> dict:
                            val_labels=data.val_set.labels,
                            compile=partial(compiled.compile_module, spec=compile_spec) if compile_spec else None,
                            mix=mixer(cfg, num_classes=meta["num_classes"], parts=acc.num_processes * cfg.grad_accum))
+        # two optimisers in one: say which weights each takes, at which LR (before the schedule) and decay
+        groups = muon.describe(getattr(optimizer, "optimizer", optimizer)) if cfg.optimizer == "muon" else None
         trainer = Trainer(LoopSpec.from_config(cfg), ScheduleSpec.from_config(cfg), acc, parts,
                           Checkpointer(out, acc, meta, cfg.save_every_minutes), reporters, stop.training())
         if resume is not None:
@@ -227,8 +229,8 @@ def train(cfg, stop: StopSignal) -> dict:
         elif cfg.resume == "auto":
             reporters.message(f"no {out / 'last.pt'} yet: starting a fresh run")
         reporters.start(cfg, run_info(acc, data, module, batch, out, compile_spec))
-        if cfg.optimizer == "muon":  # two optimisers in one: say which weights each takes, at which LR and decay
-            reporters.message(f"optimiser: {muon.describe(getattr(optimizer, 'optimizer', optimizer))}")
+        if groups is not None:
+            reporters.message(f"optimiser: {groups}")
         try:
             summary = trainer.fit()
         finally:

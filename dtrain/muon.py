@@ -68,6 +68,16 @@ class MuonWithAuxiliary(torch.optim.Optimizer):
                         betas=betas, eps=eps)
         super().__init__(groups, defaults)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, then each buffer laid out as its parameter: a buffer keeps the memory layout it was saved
+        in, and Muon reads buffers as matrices of the parameter's layout (--channels-last may change on
+        resume)."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

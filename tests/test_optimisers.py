@@ -165,3 +165,37 @@ def test_the_alternating_flip_flips_each_image_every_other_epoch():
     assert torch.equal(first, ~second) and torch.equal(first, third)
     assert 0.48 < first.float().mean() < 0.52
     assert not torch.equal(first, alternating(index, 0, seed=4))
+
+
+def test_muon_resumed_with_another_memory_layout_steps_as_if_never_stopped():
+    """A checkpoint of a channels_last run resumed without --channels-last: the momentum buffers take the
+    weights' layout (Muon flattens both the same way), so the next step is the one the first run takes."""
+    import copy
+    from dtrain.optim import OptimSpec, build_optimizer
+    from dtrain.settings import build_config
+    spec = OptimSpec.from_config(build_config(["--arch", "cnn", "--optimizer", "muon"]))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 6, 6).to(memory_format=torch.channels_last)
+    opt = build_optimizer(spec, net, torch.device("cpu"))
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+    other = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    resumed = build_optimizer(spec, other, torch.device("cpu"))
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for m, o in ((net, opt), (other, resumed)):
+        o.zero_grad()
+        m(x.contiguous()).square().mean().backward()
+        o.step()
+    for a, b in zip(net.parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_muon_groups_are_named_at_their_own_lr_under_warm_up(tmp_path):
+    """The start-up line gives each group's configured LR, not the first warm-up step's."""
+    r = train_here(tiny(tmp_path / "run", "--optimizer", "muon", "--muon-lr", "0.02", "--warmup-epochs", "2",
+                        "--max-steps", "1"))
+    line = next(x for x in r.stdout.splitlines() if x.startswith("optimiser: "))
+    assert "(lr 0.02," in line and "(lr 0.05," in line, line
