@@ -70,6 +70,7 @@ def each(rule: Rule) -> Rule:
 
 
 positive = Rule(lambda v: v > 0, "positive")
+FLOAT32_MAX = 3.4028234663852886e38
 finite = Rule(lambda v: math.isfinite(v), "a finite number")
 
 
@@ -183,9 +184,9 @@ class Config:
                                "and aspect 0.3-3.3 set to the mean, after Cutout (0: off)", check=in_range(0, 1),
                                policy=CHANGES)
     mixup: float = _f(0.0, "MixUp alpha: mix each image with a partner by a Beta(alpha, alpha) weight (0: off)",
-                      check=at_least(0), policy=CHANGES)
+                      check=in_range(0, 1000), policy=CHANGES)
     cutmix: float = _f(0.0, "CutMix alpha: paste a box from a partner, its area by Beta(alpha, alpha) (0: off)",
-                       check=at_least(0), policy=CHANGES)
+                       check=in_range(0, 1000), policy=CHANGES)
     mix_prob: float = _f(1.0, "the chance a batch is mixed (with both --mixup and --cutmix, each mixed batch "
                          "picks one, even odds)", check=in_range(0, 1), policy=CHANGES)
     # optimisation
@@ -549,12 +550,15 @@ def resolve(overrides: dict) -> Config:
     validate(cfg)
     asked = [flag_name(k) for k in AUGMENTATIONS_OFF_BY_DEFAULT if overrides.get(k) not in (None, "none", 0)]
     if asked and not cfg.augment:  # --no-augment turns off a recipe's augmentations, but not the ones asked for
-        raise UserError(f"{' and '.join(asked)} act only with --augment (the recipe or your flags turn it off): "
+        verb = "acts" if len(asked) == 1 else "act"
+        raise UserError(f"{' and '.join(asked)} {verb} only with --augment (the recipe or your flags turn it off): "
                         f"add --augment")
     return cfg
 
 
-AUGMENTATIONS_OFF_BY_DEFAULT = ("augment_policy", "random_erasing", "cutout_holes", "translate", "rotate")
+AUGMENTATIONS_OFF_BY_DEFAULT = ("augment_policy", "random_erasing", "cutout_holes", "translate", "rotate", "vflip",
+                                "hflip", "crop_padding")
+MUON_SETTINGS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_aux")
 
 
 # Rules between settings: (holds, message or a function of the Config that gives it); each field's own rule
@@ -577,6 +581,10 @@ CROSS_CHECKS = (
     (lambda c: not (c.nesterov and c.momentum == 0 and (c.muon_aux if c.optimizer == "muon" else c.optimizer) == "sgd"),
      "--nesterov needs --momentum above 0 (e.g. --momentum 0.9), or --no-nesterov"),
     (lambda c: c.mix_prob == 1.0 or c.mixup or c.cutmix, "--mix-prob P needs --mixup ALPHA or --cutmix ALPHA"),
+    (lambda c: c.mix_prob > 0 or not (c.mixup or c.cutmix),
+     "--mix-prob 0 mixes no batch: raise it, or leave out --mixup and --cutmix"),
+    (lambda c: c.optimizer == "muon" or all(getattr(c, k) == FIELDS[k].default for k in MUON_SETTINGS),
+     "--muon-lr, --muon-momentum, --muon-weight-decay and --muon-aux need --optimizer muon"),
     (lambda c: c.augment_policy == "randaugment" or all(getattr(c, k) == FIELDS[k].default
                                                          for k in ("randaugment_ops", "randaugment_magnitude")),
      "--randaugment-ops and --randaugment-magnitude need --augment-policy randaugment"),
@@ -592,6 +600,8 @@ def validate(cfg: Config) -> None:
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not finite.test(v) for v in values):
             raise UserError(f"{flag_name(f.name)} must be {finite.text}, not {value!r}")
+        if any(isinstance(v, float) and abs(v) > FLOAT32_MAX for v in values):  # training runs in float32 at most
+            raise UserError(f"{flag_name(f.name)} must be within float32's range (3.4e38), not {value!r}")
         rule = f.metadata.get("check")
         if rule is not None and not rule.test(value):
             raise UserError(f"{flag_name(f.name)} must be {rule.text}, not {value!r}")

@@ -12,8 +12,9 @@ from helpers import REPO
 @pytest.mark.parametrize("argv, expected", [
     (["--hflip=false"], {"hflip": False}),
     (["--hflip=False", "--vflip=True"], {"hflip": False, "vflip": True}),
-    (["--hflip=0", "--vflip=1", "--nesterov=yes", "--augment=no"],
-     {"hflip": False, "vflip": True, "nesterov": True, "augment": False}),
+    (["--hflip=0", "--vflip=1", "--nesterov=yes", "--augment=yes"],
+     {"hflip": False, "vflip": True, "nesterov": True, "augment": True}),
+    (["--augment=no"], {"augment": False}),
     (["--hflip", "false"], {"hflip": False}),
     (["--no-hflip", "--vflip"], {"hflip": False, "vflip": True}),
     (["--batch_size=64", "--eval_batch_size", "256"], {"batch_size": 64, "eval_batch_size": 256}),

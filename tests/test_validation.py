@@ -36,11 +36,16 @@ BAD_FLAGS = [
     (["--tta-shift", "1"], "--tta-shift N needs --tta"),
     (["--cutout-holes", "1", "--cutout-length", "0"], "--cutout-length must be at least 1 when --cutout-holes"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum above 0"),
-    (["--no-augment", "--augment-policy", "autoaugment"], "act only with --augment"),
+    (["--no-augment", "--augment-policy", "autoaugment"], "--augment-policy acts only with --augment"),
     (["--no-augment", "--random-erasing", "0.5", "--rotate", "5"],
      "--random-erasing and --rotate act only with --augment"),
     (["--mix-prob", "0.5"], "--mix-prob P needs --mixup ALPHA or --cutmix ALPHA"),
     (["--randaugment-ops", "3"], "--randaugment-ops and --randaugment-magnitude need --augment-policy randaugment"),
+    (["--lr", "1e39"], "--lr must be within float32's range (3.4e38), not 1e+39"),
+    (["--mixup", "2000"], "--mixup must be between 0 and 1000, not 2000.0"),   # Beta(1e308, 1e308) never returns
+    (["--mixup", "0.2", "--mix-prob", "0"], "--mix-prob 0 mixes no batch"),
+    (["--muon-lr", "0.5"], "--muon-aux need --optimizer muon"),
+    (["--no-augment", "--hflip", "alternate"], "--hflip acts only with --augment"),
     # SWA that would never start (BASE trains 1 epoch)
     (["--swa-start", "1", "--swa-lr", "0.01"], "--swa-start 1 is not below --epochs 1: no weights would be averaged"),
 ]
@@ -94,7 +99,7 @@ def test_an_augmentation_asked_for_under_a_recipe_without_augmentation_is_refuse
     recipe's own augmentations are simply turned off by --no-augment."""
     from dtrain.errors import UserError
     from dtrain.settings import build_config
-    with pytest.raises(UserError, match="--augment-policy act only with --augment .* add --augment"):
+    with pytest.raises(UserError, match="--augment-policy acts only with --augment .* add --augment"):
         build_config(["--arch", "mnist-cnn", "--augment-policy", "autoaugment"])
     assert build_config(["--arch", "mnist-cnn", "--augment", "--augment-policy", "autoaugment"]).augment
     assert not build_config(["--recipe", "resnet18-96", "--no-augment"]).augment
