@@ -561,6 +561,11 @@ AUGMENTATIONS_OFF_BY_DEFAULT = ("augment_policy", "random_erasing", "cutout_hole
 MUON_SETTINGS = ("muon_lr", "muon_momentum", "muon_weight_decay", "muon_aux")
 
 
+def _at_defaults(cfg: "Config", names) -> bool:
+    """Whether the settings `names` are all left at their defaults (those of a part that is off)."""
+    return all(getattr(cfg, k) == FIELDS[k].default for k in names)
+
+
 # Rules between settings: (holds, message or a function of the Config that gives it); each field's own rule
 # is declared next to it.
 CROSS_CHECKS = (
@@ -583,10 +588,9 @@ CROSS_CHECKS = (
     (lambda c: c.mix_prob == 1.0 or c.mixup or c.cutmix, "--mix-prob P needs --mixup ALPHA or --cutmix ALPHA"),
     (lambda c: c.mix_prob > 0 or not (c.mixup or c.cutmix),
      "--mix-prob 0 mixes no batch: raise it, or leave out --mixup and --cutmix"),
-    (lambda c: c.optimizer == "muon" or all(getattr(c, k) == FIELDS[k].default for k in MUON_SETTINGS),
+    (lambda c: c.optimizer == "muon" or _at_defaults(c, MUON_SETTINGS),
      "--muon-lr, --muon-momentum, --muon-weight-decay and --muon-aux need --optimizer muon"),
-    (lambda c: c.augment_policy == "randaugment" or all(getattr(c, k) == FIELDS[k].default
-                                                         for k in ("randaugment_ops", "randaugment_magnitude")),
+    (lambda c: c.augment_policy == "randaugment" or _at_defaults(c, ("randaugment_ops", "randaugment_magnitude")),
      "--randaugment-ops and --randaugment-magnitude need --augment-policy randaugment"),
 )
 

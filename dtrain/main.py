@@ -42,9 +42,9 @@ from dtrain.data.mixing import Mixer, MixSpec
 from dtrain.distributed import (broadcast, check_sync_bn, make_accelerator, on_every_process, on_main_first,
                                 process_batch_sizes, run_on_main)
 from dtrain.engine import LoopSpec, Trainer, TrainParts
-from dtrain.errors import TrainingDiverged, UserError, out_of_memory, run_command
+from dtrain.errors import TrainingDiverged, UserError, run_command
 from dtrain.files import make_folder, remove_stale_temp_files, write_text
-from dtrain.models import DATA_INIT_IMAGES, build_model, check_input_size, count_parameters, init_from_data, too_large
+from dtrain.models import DATA_INIT_IMAGES, build_model, check_input_size, count_parameters, init_from_data
 from dtrain.optim import OptimSpec, ScheduleSpec, build_optimizer
 from dtrain.preempt import StopSignal
 from dtrain.report.build import make_reporters
@@ -139,13 +139,8 @@ def build_training_model(cfg, acc, meta: dict, data: Data, *, fresh: bool, compi
     asks), converted (SyncBN, channels_last), on the device, prepared by accelerate and compiled; module is
     the module beneath DDP / compile. A model that cannot take the data's images is a UserError first."""
     check_input_size(meta["arch"], meta["image_size"], meta["in_channels"])  # an image folder's size: known now
-    try:
-        model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                            pretrained=cfg.pretrained, weights=cfg.weights, **meta["arch_args"])
-    except (RuntimeError, MemoryError) as e:
-        if not out_of_memory(e):
-            raise
-        raise UserError(too_large(meta["arch"])) from None
+    model = build_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                        pretrained=cfg.pretrained, weights=cfg.weights, **meta["arch_args"])
     if fresh:
         init_from_data(model, lambda: first_images(cfg, data, DATA_INIT_IMAGES))
     if cfg.sync_bn:

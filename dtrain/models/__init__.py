@@ -93,7 +93,8 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
     """Build `arch` for `num_classes` classes and `in_channels`-channel images of about `image_size` pixels.
 
     arch_args an arch does not support are ignored when they are None/False/the neutral default
-    (so every Config field can be passed to every arch); any other value is an error.
+    (so every Config field can be passed to every arch); any other value is an error. A model whose tensors
+    cannot be allocated is a UserError naming the arch.
     """
     builder = _resolve(arch)
     supported = _options(builder)
@@ -105,7 +106,12 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
         elif not _is_neutral(key, value):
             opts = ", ".join(sorted(supported)) or "none"
             raise UserError(f"arch {arch!r} does not support {key}={value!r} (its options: {opts})")
-    return builder(int(num_classes), int(in_channels), int(image_size), **kwargs)
+    try:
+        return builder(int(num_classes), int(in_channels), int(image_size), **kwargs)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        raise UserError(f"arch {arch} does not fit in this machine's memory: choose a smaller one") from None
 
 
 def check_input_size(arch: str, image_size: int | None, in_channels: int = 3) -> None:
@@ -129,12 +135,7 @@ def input_size_problem(arch: str, image_size: int, in_channels: int) -> str | No
     """Why `arch` cannot take image_size x image_size images and the size it takes, or None (see
     check_input_size)."""
     with torch.random.fork_rng(devices=[]):     # building consumes no random numbers of the run's
-        try:
-            model = _model_on_meta(arch, in_channels, image_size)
-        except (RuntimeError, MemoryError) as e:  # buffers are real tensors even here
-            if not out_of_memory(e):
-                raise
-            raise UserError(too_large(arch)) from None
+        model = _model_on_meta(arch, in_channels, image_size)
     error = _meta_forward_error(model, in_channels, image_size)
     if error is None:
         return None
@@ -143,10 +144,6 @@ def input_size_problem(arch: str, image_size: int, in_channels: int) -> str | No
         return None
     return (f"--arch {arch} cannot take {image_size}x{image_size} images ({error}); pass --image-size {works} "
             f"(it takes {works}x{works})")
-
-
-def too_large(arch: str) -> str:
-    return f"arch {arch} does not fit in this machine's memory: choose a smaller one"
 
 
 def _model_on_meta(arch: str, in_channels: int, image_size: int) -> nn.Module:
