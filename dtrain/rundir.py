@@ -7,9 +7,10 @@ A run's folder holds its results (config.json, metrics.jsonl, last.pt, best.pt).
 * Nothing starts over an earlier run. A folder that holds a run is used only to continue it
   (`--resume auto`, or a torchrun restart of the same job); continuing needs its last.pt.
 
-The lock is a file created with O_CREAT|O_EXCL, which is atomic on local file systems and on the shared
-ones clusters use (NFS v3 and later, Lustre, GPFS, BeeGFS), so it works between nodes. It holds the
-holder's host, pid and start time as JSON. flock/fcntl locks are not used: on NFS they depend on the lock
+The lock is a file made by hard-linking a complete record to the lock's name: link() fails if the name
+exists, atomically, on local file systems and on the shared ones clusters use (NFS, Lustre, GPFS,
+BeeGFS), so it works between nodes, and the lock is never seen empty. It holds the holder's host, pid and
+start time as JSON. flock/fcntl locks are not used: on NFS they depend on the lock
 daemon, on Lustre and BeeGFS they are node-local or fail unless the file system is mounted with the
 `flock` option, and a lock alone cannot say who holds it.
 
@@ -34,6 +35,7 @@ import atexit
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -202,27 +204,38 @@ class RunLock:
         return self
 
     def _create(self) -> bool:
-        """Take the lock if nobody holds it: create the file (O_EXCL) with this run's record. A write that
-        fails (a full disk) removes the file again: no empty or half lock is left to refuse later runs."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise write_error(self.path, e, self.remedy) from None
-        try:
+        """Take the lock if nobody holds it. This run's record is written whole to a file of its own, then
+        linked to the lock's name, which fails if the name exists: a kill at any moment leaves no lock or a
+        whole one, never an empty one that would refuse the next run. A write that fails (a full disk)
+        leaves nothing behind."""
+        linked, new = False, None
+        try:  # the name atomic_write's temp files have: a kill -9 leaves one, the next run removes it
+            fd, new = tempfile.mkstemp(dir=self.out, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.fchmod(fd, 0o644)  # readable by the other users of a shared folder: they are told who holds it
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
                 f.flush()
                 os.fsync(f.fileno())
+            try:
+                os.link(new, self.path)
+            except (FileExistsError, FileNotFoundError):  # held, or the holder cleared our file away
+                return False
+            except OSError:
+                if os.stat(new).st_nlink != 2:  # NFS can report a link it made as failed (a lost reply)
+                    raise
+            linked = True
             self.owner_pid = os.getpid()
             atexit.register(self.release)
-        except BaseException as e:  # a full disk, or a stop signal during start-up: no half lock stays
-            self.path.unlink(missing_ok=True)
+            return True
+        except BaseException as e:  # a full disk, or a stop signal during start-up: no lock stays
+            if linked:
+                self.path.unlink(missing_ok=True)
             if isinstance(e, OSError):
                 raise write_error(self.path, e, self.remedy) from None
             raise
-        return True
+        finally:
+            if new:
+                Path(new).unlink(missing_ok=True)
 
     def _read(self):
         """The holder's record (None if unreadable), the lock's age in seconds on the file server's clock and

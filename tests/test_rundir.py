@@ -34,6 +34,20 @@ def run(argv):
 run_command(run, sys.argv[1:])
 """
 
+# takes the lock on argv[1] as HOLDER does, but stops half-way through writing its record, where a kill -9
+# may find a run that is starting
+HALF_WRITTEN = """
+import json, sys, time
+from dtrain.rundir import open_output_dir
+def dump(record, f):
+    f.write(json.dumps(record)[:20])
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+json.dump = dump
+open_output_dir(sys.argv[1], None)
+"""
+
 
 def files(out: Path) -> dict:
     return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -131,6 +145,21 @@ def test_lock_left_by_kill_9_is_taken_over_and_said_so(tmp_path):
     assert f"(pid {first.pid}): its process {first.pid} is gone" in r.stdout
     assert [row["epoch"] for row in metrics(out)] == [1]
     assert not (out / "run.lock").exists()
+
+
+@pytest.mark.process
+def test_a_run_killed_while_taking_the_lock_leaves_none_and_the_next_run_starts(tmp_path):
+    out = tmp_path / "run"
+    first = start(["-c", HALF_WRITTEN, out])
+    try:
+        assert first.stdout.readline() == "writing\n"
+    finally:
+        stop(first)                                       # kill -9 in the middle of the lock's record
+    assert not (out / "run.lock").exists()
+    r = train_here([*RUN, "--epochs", "1", "--output-dir", out])
+    assert "stale" not in r.stdout
+    assert [row["epoch"] for row in metrics(out)] == [1]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []   # its temp file removed
 
 
 @pytest.mark.process
