@@ -12,9 +12,32 @@ from helpers import SHARED_DATA, write_cifar  # noqa: E402
 pytest_plugins = ["cluster.fixtures"]  # the slurm_cluster fixture (tests/cluster/)
 
 
-def pytest_collection_modifyitems(items):
-    """Files that hold slow tests first: with the files shared out among workers in this order, the long
-    ones start early and the short ones fill in, instead of one long file running alone at the end."""
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (CI does; without it the suite stays within ~8 minutes)")
+
+
+def _slow_test_runs(config, item) -> bool:
+    """A slow test runs under --slow, under a -m expression that names `slow` (`-m slow` runs just them), or
+    when the command line names it (tests/test_foo.py::test_bar)."""
+    if config.getoption("slow") or "slow" in (config.option.markexpr or ""):
+        return True
+    for arg in config.args:
+        path, named, name = arg.partition("::")
+        if named and Path(config.invocation_params.dir, path).resolve() == item.path \
+                and item.nodeid.partition("::")[2].startswith(name):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests are left out unless asked for (above); files that hold slow tests run first: with the files
+    shared out among workers in this order, the long ones start early and the short ones fill in, instead of
+    one long file running alone at the end."""
+    left_out = [item for item in items if item.get_closest_marker("slow") and not _slow_test_runs(config, item)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not (item.get_closest_marker("slow") and item in left_out)]
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order
 

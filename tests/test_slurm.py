@@ -159,6 +159,7 @@ def test_sbatch_two_nodes_is_one_ddp_job(ddp_job, slurm_cluster):
     assert "--resume auto" in text and "(restart 0)" in text and "requeue" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_usr1_saves_requeues_and_resumes(ddp_job, slurm_cluster, train_args, tmp_path):
     cluster = slurm_cluster
@@ -224,6 +225,7 @@ def job_workers(job_id: str) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_lost_worker_restarts_the_group_which_resumes(slurm_cluster, train_args, tmp_path):
     """kill -9 the training process on the second node: torchrun restarts the worker group on both
