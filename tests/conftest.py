@@ -31,15 +31,20 @@ def _slow_test_runs(config, item) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests are left out unless asked for (above); files that hold slow tests run first: with the files
-    shared out among workers in this order, the long ones start early and the short ones fill in, instead of
-    one long file running alone at the end."""
+    """Slow tests are left out unless asked for (above). The longest files run first: with the files shared
+    out among workers in this order, the long ones start early and the short ones fill in, instead of one
+    long file running alone at the end. Longest: those with slow tests, then the Slurm ones, then by their
+    count of real-process tests."""
     left_out = [item for item in items if item.get_closest_marker("slow") and not _slow_test_runs(config, item)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = [item for item in items if not (item.get_closest_marker("slow") and item in left_out)]
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file's tests keep their order
+    cost = {}
+    for item in items:
+        marks = [mark for mark in ("slow", "slurm", "process") if item.get_closest_marker(mark)]
+        slow, slurm, process = cost.get(item.path, (0, 0, 0))
+        cost[item.path] = (slow or "slow" in marks, slurm or "slurm" in marks, process + bool(marks))
+    items.sort(key=lambda item: cost[item.path], reverse=True)  # stable: each file's tests keep their order
 
 
 @pytest.fixture(scope="session")
