@@ -87,6 +87,7 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_them():
     for part in test_cmd.split("&&"):
         part = part.strip().replace("pip install", "python3 -m pip install --quiet").replace("python -m", "python3 -m")
         assert part in ci, f"{part!r} (README's test command) is not what .ci/run runs"
+    assert "python3 -m pytest -q --slow" in ci, ".ci/run leaves out the tests marked slow: pass --slow"
 
 
 @pytest.mark.parametrize("page", USER_PAGES, ids=rel)
