@@ -79,7 +79,7 @@ def small_fs(tmp_path):
 # The fast tier runs dtrain's commands in this process (tests/helpers.py: train_here, run_here). A test that
 # starts a Python interpreter or a shell (dtrain's own commands, accelerate or torchrun, a launcher or bench
 # script, a helper script) belongs to the real-process tier and says so with @pytest.mark.process (a Slurm
-# test with @pytest.mark.slurm): `-m "not process and not slurm and not slow"` is the fast tier. The check
+# test with @pytest.mark.slurm): `-m "not process and not slurm"` is the fast tier. The check
 # below keeps the marks true.
 
 _started: list[str] = []
