@@ -9,10 +9,10 @@ A run's folder holds its results (config.json, metrics.jsonl, last.pt, best.pt).
 
 The lock is a file made by hard-linking a complete record to the lock's name: link() fails if the name
 exists, atomically, on local file systems and on the shared ones clusters use (NFS, Lustre, GPFS,
-BeeGFS), so it works between nodes, and the lock is never seen empty. It holds the holder's host, pid and
-start time as JSON. flock/fcntl locks are not used: on NFS they depend on the lock
-daemon, on Lustre and BeeGFS they are node-local or fail unless the file system is mounted with the
-`flock` option, and a lock alone cannot say who holds it.
+BeeGFS), so it works between nodes, and the lock is never seen half-written. It holds the holder's host,
+pid and start time as JSON. flock/fcntl locks are not used: on NFS they depend on the lock daemon, on
+Lustre and BeeGFS they are node-local or fail unless the file system is mounted with the `flock` option,
+and a lock alone cannot say who holds it.
 
 A lock whose holder is gone is stale and taken over, with a message:
 * same host: the pid is not alive, or it was reused by another process (its start time in
@@ -266,7 +266,7 @@ class RunLock:
         """Why the lock's holder is gone, or None if it may still be running."""
         if age is None:
             return "it was released"
-        if holder is None:  # being written this instant, or garbage
+        if holder is None:  # not a record dtrain wrote (it writes the lock whole): judged by its age alone
             return f"it is unreadable and {age:.0f} s old" if age > STALE_SECONDS else None
         attempt = holder.get("attempt")
         if holder.get("job") and holder.get("job") == _job(self.env) and isinstance(attempt, list) \

@@ -35,10 +35,10 @@ def pytest_collection_modifyitems(config, items):
     out among workers in this order, the long ones start early and the short ones fill in, instead of one
     long file running alone at the end. Longest: those with slow tests, then the Slurm ones, then by their
     count of real-process tests."""
-    left_out = [item for item in items if item.get_closest_marker("slow") and not _slow_test_runs(config, item)]
-    if left_out:
-        config.hook.pytest_deselected(items=left_out)
-        items[:] = [item for item in items if not (item.get_closest_marker("slow") and item in left_out)]
+    runs = [not item.get_closest_marker("slow") or _slow_test_runs(config, item) for item in items]
+    if not all(runs):
+        config.hook.pytest_deselected(items=[item for item, run in zip(items, runs) if not run])
+        items[:] = [item for item, run in zip(items, runs) if run]
     cost = {}
     for item in items:
         marks = [mark for mark in ("slow", "slurm", "process") if item.get_closest_marker(mark)]
