@@ -72,6 +72,16 @@ def stop(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     proc.communicate(timeout=120)
 
 
+def killed(cmd: list, ready) -> subprocess.Popen:
+    """Start cmd, wait for ready(proc), then kill -9 it: no chance to release anything."""
+    proc = start(cmd)
+    try:
+        ready(proc)
+    finally:
+        stop(proc)
+    return proc
+
+
 def refused(args: list) -> str:
     """Run dtrain/main.py (in this process) expecting a refusal: exit 2 and one line on stderr; that line."""
     r = train_here(args, status=None)
@@ -134,11 +144,7 @@ def test_second_run_into_a_running_runs_folder_is_refused_at_once_naming_the_fir
 @pytest.mark.process
 def test_lock_left_by_kill_9_is_taken_over_and_said_so(tmp_path):
     out = tmp_path / "run"
-    first = start([MAIN, *LONG, "--output-dir", out])
-    try:
-        wait_for(out / "run.lock", first)
-    finally:
-        stop(first)                                       # kill -9: no chance to release
+    first = killed([MAIN, *LONG, "--output-dir", out], lambda proc: wait_for(out / "run.lock", proc))
     assert (out / "run.lock").exists()
     r = train_here([*RUN, "--epochs", "1", "--output-dir", out, "--resume", "auto"])
     assert f"taking over the stale lock {out / 'run.lock'}" in r.stdout
@@ -150,11 +156,9 @@ def test_lock_left_by_kill_9_is_taken_over_and_said_so(tmp_path):
 @pytest.mark.process
 def test_a_run_killed_while_taking_the_lock_leaves_none_and_the_next_run_starts(tmp_path):
     out = tmp_path / "run"
-    first = start(["-c", HALF_WRITTEN, out])
-    try:
-        assert first.stdout.readline() == "writing\n"
-    finally:
-        stop(first)                                       # kill -9 in the middle of the lock's record
+    def writing(proc):
+        assert proc.stdout.readline() == "writing\n"
+    killed(["-c", HALF_WRITTEN, out], writing)            # in the middle of the lock's record
     assert not (out / "run.lock").exists()
     r = train_here([*RUN, "--epochs", "1", "--output-dir", out])
     assert "stale" not in r.stdout
