@@ -20,7 +20,7 @@ import torch
 from dtrain.checkpoint import load_checkpoint
 from dtrain.devices import Machine, Torch, check_device, visible_devices
 from dtrain.errors import UserError
-from helpers import MAIN, REPO, cli_error, launch, metrics, signal_mid_run, tiny_run, train, train_here
+from helpers import MAIN, REPO, cli_error, env, launch, metrics, signal_mid_run, tiny_run, train, train_here
 
 
 def have_compiler() -> bool:
@@ -372,7 +372,8 @@ def test_sigterm_during_the_compile_warm_up_saves_at_the_first_step(tmp_path):
     workers survive it, and the run saves at its first step boundary and exits 0 like at any other moment."""
     out = tmp_path / "run"
     cmd = [sys.executable, MAIN, *tiny_run(out, "--epochs", "2", "--compile", size=200, batch=40)]
-    rc, text = signal_mid_run(cmd, signal.SIGTERM, delay=2.0, timeout=600)
+    cold = env(TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor")   # a compile cached by an earlier run is over in 2 s
+    rc, text = signal_mid_run(cmd, signal.SIGTERM, environ=cold, delay=2.0, timeout=600)
     assert rc == 0, text[-3000:]
     assert "Traceback" not in text and "stopped by signal 15 at step 1" in text, text[-3000:]
     assert load_checkpoint(out / "last.pt")["step"] == 1
