@@ -102,21 +102,27 @@ def test_lost_peer_messages_name_the_peer_when_known():
 @pytest.mark.process
 def test_dist_timeout_reaches_the_process_group_and_the_stop_signal_group(tmp_path):
     """Two real processes on gloo: rank 1 joins no collective; rank 0's all-reduces on the default group and
-    on the stop-signal group time out after 3 s (not torch's 30 minutes), while rank 1 still lives."""
-    script = tmp_path / "probe.py"
+    on the stop-signal group time out after 3 s (not torch's 30 minutes), while rank 1 still lives (until
+    rank 0 is done)."""
+    script, done = tmp_path / "probe.py", tmp_path / "done"
     script.write_text(
         "import sys, time, torch, torch.distributed as dist\n"
+        "from pathlib import Path\n"
         "from dtrain.distributed import cpu_group, make_accelerator\n"
         "acc = make_accelerator(None, 3)\n"
         "group = cpu_group()\n"
+        f"done = Path({str(done)!r})\n"
         "if acc.process_index == 1:\n"
-        "    time.sleep(12)\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while not done.exists() and time.monotonic() < deadline:\n"
+        "        time.sleep(0.1)\n"
         "    sys.exit(0)\n"
         "for g in (None, group):\n"
         "    try:\n"
         "        dist.all_reduce(torch.ones(1), group=g)\n"
         "    except RuntimeError as e:\n"
-        "        print('failed:', str(e).splitlines()[0], flush=True)\n")
+        "        print('failed:', str(e).splitlines()[0], flush=True)\n"
+        "done.write_text('')\n")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
            str(free_port()), str(script)]
