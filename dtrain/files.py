@@ -7,7 +7,8 @@
 * `append_line(path, line)`: one line added to a log file (metrics.jsonl) in one write call: a kill
   leaves at most a torn last line, which its reader skips.
 * `make_folder(folder)`: the folder and its parents.
-* `remove_stale_temp_files(folder)`: the temp files that interrupted writes left behind.
+* `remove_stale_temp_files(folder)`: the temp files that interrupted writes left behind
+  (`temp_file_beside(path)` makes one).
 
 A full disk, a read-only folder, a file in the way of a folder or a missing one is a UserError naming the
 path and ending with `remedy`, what the caller's user can do (another --output-dir, --output, --cache-dir).
@@ -36,11 +37,10 @@ def atomic_write(path: str | os.PathLike, write: Callable, remedy: str = DEFAULT
     path = Path(path)
     make_folder(path.parent, remedy)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = temp_file_beside(path)
     except OSError as e:
         raise write_error(path, e, remedy) from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -54,6 +54,20 @@ def atomic_write(path: str | os.PathLike, write: Callable, remedy: str = DEFAULT
         if isinstance(e, OSError):
             raise write_error(path, e, remedy) from None
         raise
+
+
+def temp_file_beside(path: Path, mode: int = 0o666) -> tuple[int, str]:
+    """A new temp file in `path`'s folder: its open fd and its name, one TEMP_NAME matches (so that
+    remove_stale_temp_files clears one an interrupted writer left), with the mode a new file of `mode` gets
+    (less the umask). An OSError is raised as it comes."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode & ~_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, remedy: str = DEFAULT_REMEDY) -> None:

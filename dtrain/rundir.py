@@ -35,14 +35,13 @@ import atexit
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from dtrain.errors import TrainingDiverged, UserError
-from dtrain.files import make_folder, write_error, write_text
+from dtrain.files import make_folder, temp_file_beside, write_error, write_text
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -209,9 +208,8 @@ class RunLock:
         whole one, never an empty one that would refuse the next run. A write that fails (a full disk)
         leaves nothing behind."""
         linked, new = False, None
-        try:  # the name atomic_write's temp files have: a kill -9 leaves one, the next run removes it
-            fd, new = tempfile.mkstemp(dir=self.out, prefix=f".{self.path.name}.", suffix=".tmp")
-            os.fchmod(fd, 0o644)  # readable by the other users of a shared folder: they are told who holds it
+        try:  # a temp file as atomic_write's: one a kill -9 leaves, the next run removes
+            fd, new = temp_file_beside(self.path, 0o644)
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
                 f.flush()
